@@ -1,0 +1,581 @@
+"""Preference models you can compute by hand: Bradley-Terry, Plackett-Luce, MaxMin choice, BT fits.
+
+* Bradley-Terry (Bradley & Terry 1952): P(y_i > y_j) = sigmoid(r_i - r_j) for ratings on a logit
+  scale (the form used for reward models, Ouyang et al. 2022 eq. 1), or r_i / (r_i + r_j) for
+  positive strengths on a ratio scale (the 1952 form).
+* MaxMin / egalitarian choice (Chakraborty et al. 2024, MaxMin-RLHF): the response whose worst
+  rating over the groups is highest, next to the utilitarian choice (highest mean rating).
+* Plackett-Luce (Plackett 1975, Luce 1959): the probability of a ranking is a product of softmaxes.
+* Fitting Bradley-Terry strengths to pairwise comparisons by maximum likelihood with ties and
+  bootstrap intervals (Hunter 2004; Newton's method on log-strengths).
+
+Only the standard library and numpy are imported, so this module loads fast.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from itertools import combinations
+from pathlib import Path
+from typing import Any
+
+from preftune.errors import PreftuneError
+
+SCALES = ("logit", "ratio")
+TIE = "tie"
+
+
+# ----------------------------------------------------------------------------- ratings tables
+
+
+@dataclass(frozen=True)
+class Ratings:
+    """Ratings of the same responses by several groups: ``values[group][response]``.
+
+    ``path`` and ``lines`` (group -> line of the file) only serve error messages.
+    """
+
+    responses: tuple[str, ...]
+    values: dict[str, dict[str, float]]
+    path: str | None = None
+    lines: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def groups(self) -> tuple[str, ...]:
+        return tuple(self.values)
+
+
+def as_ratings(ratings: Ratings | Mapping[str, Mapping[str, float]]) -> Ratings:
+    """Accept a ``Ratings`` or a plain ``{group: {response: rating}}`` mapping (checked)."""
+    if isinstance(ratings, Ratings):
+        return ratings
+    return _ratings_from_mapping(ratings, path=None, text=None)
+
+
+def read_ratings(path: str | Path) -> Ratings:
+    """Read a ratings table from CSV (``group,y1,y2,...``) or JSON (``{"group": {"y1": 1.0}}``)."""
+    path = Path(path)
+    if not path.exists():
+        raise PreftuneError("file not found", path=str(path), hint="check the path to the ratings file")
+    text = path.read_text(encoding="utf-8-sig")
+    looks_json = path.suffix.lower() == ".json" or text.lstrip().startswith("{")
+    return parse_ratings_json(text, path=str(path)) if looks_json else parse_ratings_csv(text, path=str(path))
+
+
+def parse_ratings_csv(text: str, *, path: str = "<ratings>") -> Ratings:
+    """Parse ``group,<response>,...`` with one row per group; every error names file, line, field."""
+    if not text.strip():
+        raise PreftuneError("the file is empty", path=path, line=1,
+                            hint="write a header 'group,y1,y2,...' and one row of ratings per group")
+    reader = csv.reader(io.StringIO(text))
+    header: list[str] | None = None
+    values: dict[str, dict[str, float]] = {}
+    lines: dict[str, int] = {}
+    for row in reader:
+        line = reader.line_num
+        if not any(cell.strip() for cell in row):
+            continue
+        cells = [cell.strip() for cell in row]
+        if header is None:
+            header = _check_header(cells, path=path, line=line)
+            continue
+        if len(cells) != len(header):
+            raise PreftuneError(
+                f"row has {len(cells) - 1} ratings but the header names {len(header) - 1} responses",
+                path=path, line=line, field=header[0], hint="give every group one rating per response")
+        group = cells[0]
+        if not group:
+            raise PreftuneError("empty group name", path=path, line=line, field=header[0])
+        if group in values:
+            raise PreftuneError(f"duplicate group '{group}' (first on line {lines[group]})",
+                                path=path, line=line, field=header[0], hint="give each group one row")
+        values[group] = {resp: _number(cell, path=path, line=line, field=resp)
+                         for resp, cell in zip(header[1:], cells[1:], strict=True)}
+        lines[group] = line
+    if header is None or not values:
+        raise PreftuneError("no rating rows after the header", path=path, line=1,
+                            hint="add one row per group: name, then one rating per response")
+    return Ratings(tuple(header[1:]), values, path, lines)
+
+
+def _check_header(cells: list[str], *, path: str, line: int) -> list[str]:
+    if len(cells) < 3 or all(_is_number(c) for c in cells[1:]):
+        raise PreftuneError("missing header: expected 'group,<response>,<response>,...'", path=path,
+                            line=line, hint="the first row names the responses (at least two)")
+    seen: set[str] = set()
+    for cell in cells:
+        if not cell:
+            raise PreftuneError("empty column name in the header", path=path, line=line)
+        if cell in seen:
+            raise PreftuneError(f"duplicate response name '{cell}' in the header", path=path, line=line,
+                                field=cell, hint="give every response column a distinct name")
+        seen.add(cell)
+    return cells
+
+
+def parse_ratings_json(text: str, *, path: str = "<ratings>") -> Ratings:
+    """Parse ``{"group": {"response": rating}}`` (or the course file's ``{"responses", "ratings"}``)."""
+    if not text.strip():
+        raise PreftuneError("the file is empty", path=path, line=1,
+                            hint='write {"group": {"y1": 1, "y2": 0}, ...}')
+    try:
+        obj = json.loads(text, object_pairs_hook=lambda pairs: _no_duplicates(pairs, text, path))
+    except json.JSONDecodeError as exc:
+        raise PreftuneError(f"invalid JSON: {exc.msg}", path=path, line=exc.lineno) from None
+    if isinstance(obj, dict) and isinstance(obj.get("responses"), list) and isinstance(obj.get("ratings"), dict):
+        obj = _from_course_layout(obj, text=text, path=path)
+    if not isinstance(obj, dict) or not obj:
+        raise PreftuneError('expected a non-empty object {"group": {"response": rating}}', path=path, line=1)
+    return _ratings_from_mapping(obj, path=path, text=text)
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]], text: str, path: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise PreftuneError(f"duplicate name '{key}'", path=path, line=_json_line(text, key, last=True),
+                                field=key, hint="every group and every response must be named once")
+        out[key] = value
+    return out
+
+
+def _from_course_layout(obj: dict[str, Any], *, text: str, path: str) -> dict[str, Any]:
+    responses = obj["responses"]
+    out = {}
+    for group, row in obj["ratings"].items():
+        if not isinstance(row, list) or len(row) != len(responses):
+            raise PreftuneError(f"expected a list of {len(responses)} ratings", path=path,
+                                line=_json_line(text, group), field=group)
+        out[group] = dict(zip(responses, row, strict=True))
+    return out
+
+
+def _ratings_from_mapping(obj: Mapping[str, Any], *, path: str | None, text: str | None) -> Ratings:
+    responses: tuple[str, ...] | None = None
+    values: dict[str, dict[str, float]] = {}
+    lines: dict[str, int] = {}
+    for group, row in obj.items():
+        line = _json_line(text, group) if text is not None else None
+        if not isinstance(row, Mapping) or not row:
+            raise PreftuneError("expected an object {response: rating}", path=path, line=line, field=str(group))
+        if responses is None:
+            responses = tuple(str(r) for r in row)
+            if len(responses) < 2:
+                raise PreftuneError("at least two responses are needed", path=path, line=line, field=str(group))
+        if set(map(str, row)) != set(responses):
+            raise PreftuneError(f"group '{group}' rates {sorted(map(str, row))} but the first group rates "
+                                f"{sorted(responses)}", path=path, line=line, field=str(group),
+                                hint="every group must rate the same responses")
+        values[str(group)] = {r: _number(row[r], path=path, line=line, field=r, group=str(group))
+                              for r in responses}
+        if line is not None:
+            lines[str(group)] = line
+    if responses is None:
+        raise PreftuneError("no groups", path=path, line=1)
+    return Ratings(responses, values, path, lines)
+
+
+def _json_line(text: str | None, key: str, *, last: bool = False) -> int | None:
+    if text is None:
+        return None
+    hits = list(re.finditer(re.escape(json.dumps(key)) + r"\s*:", text))
+    if not hits:
+        return None
+    return text.count("\n", 0, hits[-1 if last else 0].start()) + 1
+
+
+def _is_number(cell: str) -> bool:
+    try:
+        float(cell)
+    except ValueError:
+        return False
+    return True
+
+
+def _number(value: Any, *, path: str | None, line: int | None, field: str, group: str | None = None) -> float:
+    where = f" for group '{group}'" if group else ""
+    if isinstance(value, bool) or value is None or (isinstance(value, str) and not _is_number(value)):
+        raise PreftuneError(f"rating {value!r}{where} is not a number", path=path, line=line, field=field,
+                            hint="ratings are numbers such as 1, 0.5 or -2")
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise PreftuneError(f"rating {value!r}{where} is not a number", path=path, line=line,
+                            field=field) from None
+    if not math.isfinite(number):
+        raise PreftuneError(f"rating {value!r}{where} is not finite", path=path, line=line, field=field)
+    return number
+
+
+# ----------------------------------------------------------------------------- Bradley-Terry table
+
+
+def sigmoid(x: float) -> float:
+    """sigma(x) = 1 / (1 + e^-x), computed without overflow."""
+    if x >= 0:
+        return 1.0 / (1.0 + math.exp(-x))
+    z = math.exp(x)
+    return z / (1.0 + z)
+
+
+def pairwise_probability(r_i: float, r_j: float, *, scale: str = "logit") -> float:
+    """Bradley-Terry P(y_i > y_j): sigmoid(r_i - r_j) (logit scale) or r_i / (r_i + r_j) (ratio scale)."""
+    if scale == "logit":
+        return sigmoid(r_i - r_j)
+    if scale == "ratio":
+        return r_i / (r_i + r_j)
+    raise PreftuneError(f"unknown scale '{scale}'", field="scale", hint=f"use one of {', '.join(SCALES)}")
+
+
+def argmax_all(scores: Mapping[str, float]) -> list[str]:
+    """Every key whose score equals the maximum (exact equality), in the mapping's order."""
+    best = max(scores.values())
+    return [k for k, v in scores.items() if v == best]
+
+
+def bradley_terry_table(ratings: Ratings | Mapping[str, Mapping[str, float]], *,
+                        scale: str = "logit") -> dict[str, Any]:
+    """P(y_i > y_j) for every pair of responses in every group, and each group's favourite(s).
+
+    Returns ``{"scale", "responses", "groups": {group: {"pairwise": {"P(y1>y2)": p, ...} (i before j
+    in file order), "matrix": {y_i: {y_j: P(y_i > y_j)}} (every ordered pair), "most_preferred":
+    [responses with the highest rating, ties together]}}}``. The ratio scale needs ratings > 0.
+    """
+    ratings = as_ratings(ratings)
+    if scale not in SCALES:
+        raise PreftuneError(f"unknown scale '{scale}'", field="scale", hint=f"use one of {', '.join(SCALES)}")
+    groups: dict[str, Any] = {}
+    for group, row in ratings.values.items():
+        if scale == "ratio":
+            for resp, r in row.items():
+                if r <= 0:
+                    raise PreftuneError(f"rating {r:g} of group '{group}' must be > 0 on the ratio scale",
+                                        path=ratings.path, line=ratings.lines.get(group), field=resp,
+                                        hint="use --scale logit for ratings that can be 0 or negative")
+        matrix = {a: {b: pairwise_probability(row[a], row[b], scale=scale)
+                      for b in ratings.responses if b != a} for a in ratings.responses}
+        pairwise = {f"P({a}>{b})": matrix[a][b] for a, b in combinations(ratings.responses, 2)}
+        groups[group] = {"pairwise": pairwise, "matrix": matrix, "most_preferred": argmax_all(row)}
+    return {"scale": scale, "responses": list(ratings.responses), "groups": groups}
+
+
+# ----------------------------------------------------------------------------- MaxMin aggregation
+
+
+def aggregate(ratings: Ratings | Mapping[str, Mapping[str, float]]) -> dict[str, Any]:
+    """MaxMin (egalitarian) choice argmax_y min_g r_g(y), utilitarian choice argmax_y mean_g r_g(y),
+    and each group's favourite argmax_y r_g(y) (Chakraborty et al. 2024, MaxMin-RLHF, sec. 4).
+
+    Ties are listed together. ``summary`` is one sentence contrasting MaxMin with the utilitarian
+    choice and naming the groups whose favourite the MaxMin choice is not.
+    """
+    ratings = as_ratings(ratings)
+    rows = ratings.values.values()
+    min_rating = {y: min(row[y] for row in rows) for y in ratings.responses}
+    mean_rating = {y: sum(row[y] for row in rows) / len(rows) for y in ratings.responses}
+    maxmin, utilitarian = argmax_all(min_rating), argmax_all(mean_rating)
+    favourites = {g: argmax_all(row) for g, row in ratings.values.items()}
+    result = {"responses": list(ratings.responses), "min_rating": min_rating, "mean_rating": mean_rating,
+              "maxmin": maxmin, "utilitarian": utilitarian, "favourites": favourites}
+    result["summary"] = _aggregate_sentence(result)
+    return result
+
+
+def _names(items: Sequence[str]) -> str:
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+
+
+def _aggregate_sentence(res: dict[str, Any]) -> str:
+    maxmin, util = res["maxmin"], res["utilitarian"]
+    worst, mean = res["min_rating"][maxmin[0]], res["mean_rating"][util[0]]
+    if set(maxmin) == set(util):
+        head = (f"MaxMin and the utilitarian rule agree on {_names(maxmin)} "
+                f"(worst rating {worst:g}, mean rating {mean:g})")
+    else:
+        head = (f"MaxMin picks {_names(maxmin)}, whose worst rating over the groups is {worst:g}, "
+                f"while the utilitarian choice is {_names(util)} with the highest mean rating {mean:g}")
+    not_fav = [g for g, fav in res["favourites"].items() if not set(maxmin) & set(fav)]
+    if not not_fav:
+        tail = "and the MaxMin choice is a favourite of every group"
+    elif len(not_fav) == len(res["favourites"]):
+        tail = "although no group ranks the MaxMin choice first"
+    else:
+        tail = f"and the MaxMin choice is not the favourite of {_names(not_fav)}"
+    return f"{head}, {tail}."
+
+
+# ----------------------------------------------------------------------------- Plackett-Luce
+
+
+def _logsumexp(xs: Sequence[float]) -> float:
+    m = max(xs)
+    return m + math.log(sum(math.exp(x - m) for x in xs))
+
+
+def plackett_luce(rewards: Mapping[str, float], ranking: Sequence[str] | None = None, *,
+                  top_k: int | None = None) -> dict[str, Any]:
+    """Plackett-Luce probabilities for rewards ``{response: r}`` (Plackett 1975, eq. 1).
+
+    P(ranking s_1 > ... > s_m) = prod_{k=1..m} exp(r_{s_k}) / sum_{j>=k} exp(r_{s_j}), where the
+    sums run over every response not yet placed; a ranking of m < n responses is the probability that
+    they take the first m places in that order. ``first_place`` is softmax(r). ``top_k`` adds, for
+    each response, the marginal probability of being among the first k (exact, summing over the
+    ways to fill the first k places; at most 16 responses).
+    """
+    if len(rewards) < 2:
+        raise PreftuneError("Plackett-Luce needs at least two responses", field="rewards")
+    rewards = {str(k): float(v) for k, v in rewards.items()}
+    if ranking is None:
+        ranking = sorted(rewards, key=lambda y: -rewards[y])
+    ranking = list(ranking)
+    for y in ranking:
+        if y not in rewards:
+            raise PreftuneError(f"'{y}' in the ranking has no reward", field="ranking",
+                                hint=f"rank only {', '.join(rewards)}")
+    if len(set(ranking)) != len(ranking):
+        raise PreftuneError("a response appears twice in the ranking", field="ranking")
+    remaining = list(rewards)
+    log_p = 0.0
+    for y in ranking:
+        log_p += rewards[y] - _logsumexp([rewards[z] for z in remaining])
+        remaining.remove(y)
+    norm = _logsumexp(list(rewards.values()))
+    result: dict[str, Any] = {"rewards": rewards, "ranking": ranking, "probability": math.exp(log_p),
+                              "log_probability": log_p,
+                              "first_place": {y: math.exp(r - norm) for y, r in rewards.items()}}
+    if top_k is not None:
+        result["top_k"] = top_k
+        result["top_k_probability"] = plackett_luce_top_k(rewards, top_k)
+    return result
+
+
+def plackett_luce_top_k(rewards: Mapping[str, float], k: int) -> dict[str, float]:
+    """P(y is among the first k places) under Plackett-Luce, by dynamic programming over the set S of
+    responses already placed: P(S + {y}) += P(S) * w_y / (W - w(S)), with w = exp(r - max r)."""
+    names = list(rewards)
+    n = len(names)
+    if not 1 <= k <= n:
+        raise PreftuneError(f"top-k must be between 1 and {n}, got {k}", field="top_k")
+    if n > 16:
+        raise PreftuneError(f"top-k marginals are computed exactly for at most 16 responses, got {n}",
+                            field="top_k")
+    top = max(rewards.values())
+    w = [math.exp(rewards[y] - top) for y in names]
+    total = sum(w)
+    layer = {0: 1.0}  # bitmask of placed responses -> probability they fill the first |S| places
+    for _ in range(k):
+        nxt: dict[int, float] = {}
+        for mask, p in layer.items():
+            left = total - sum(w[i] for i in range(n) if mask >> i & 1)
+            for i in range(n):
+                if not mask >> i & 1:
+                    nxt[mask | 1 << i] = nxt.get(mask | 1 << i, 0.0) + p * w[i] / left
+        layer = nxt
+    return {y: sum(p for mask, p in layer.items() if mask >> i & 1) for i, y in enumerate(names)}
+
+
+# ----------------------------------------------------------------------------- Bradley-Terry fit
+
+ELO_PER_NAT = 400.0 / math.log(10.0)  # Elo points per unit of log-strength: 10^(d/400) = e^theta
+
+
+@dataclass
+class BTFit:
+    """Bradley-Terry log-strengths (mean 0), ordered from strongest to weakest.
+
+    P(a beats b) = sigmoid(strength_a - strength_b). ``ci_low``/``ci_high`` are bootstrap 95%
+    percentile intervals (None when ``n_bootstrap`` was 0).
+    """
+
+    names: list[str]
+    strengths: list[float]
+    ci_low: list[float] | None
+    ci_high: list[float] | None
+    n_comparisons: int
+    wins: list[int]
+    ties: list[int]
+    losses: list[int]
+    n_bootstrap: int = 0
+    prior: float = 0.0
+
+    def strength(self, name: str) -> float:
+        return self.strengths[self.names.index(name)]
+
+    def probability(self, a: str, b: str) -> float:
+        """P(a beats b) = sigmoid(theta_a - theta_b)."""
+        return sigmoid(self.strength(a) - self.strength(b))
+
+    def elo(self, *, base: float = 1000.0) -> list[float]:
+        """Strengths on an Elo-like scale: base + 400 / ln(10) * theta."""
+        return [base + ELO_PER_NAT * s for s in self.strengths]
+
+    def to_dict(self) -> dict[str, Any]:
+        elo = self.elo()
+        players = [{"rank": i + 1, "name": n, "strength": self.strengths[i], "elo": elo[i],
+                    "ci_low": self.ci_low[i] if self.ci_low else None,
+                    "ci_high": self.ci_high[i] if self.ci_high else None,
+                    "wins": self.wins[i], "ties": self.ties[i], "losses": self.losses[i]}
+                   for i, n in enumerate(self.names)]
+        return {"players": players, "n_comparisons": self.n_comparisons, "n_bootstrap": self.n_bootstrap,
+                "prior": self.prior}
+
+
+def fit_bradley_terry(comparisons: Iterable[tuple[str, str, str]], *, n_bootstrap: int = 1000,
+                      seed: int = 0, prior: float = 0.01) -> BTFit:
+    """Maximum-likelihood Bradley-Terry fit of ``(a, b, winner)`` comparisons; winner is a, b or "tie".
+
+    Maximises sum_c [s_c log sigmoid(t_a - t_b) + (1 - s_c) log sigmoid(t_b - t_a)] - prior/2 * |t|^2
+    over log-strengths t, with s_c = 1 if a won, 0 if b won, 1/2 for a tie (a tie counts half a win to
+    each; Hunter 2004 sec. 2 for the likelihood). The tiny Gaussian penalty ``prior`` keeps a player
+    who never loses finite and fixes the mean at 0 (at the optimum prior * sum t = sum of the
+    likelihood's gradient = 0). Solved by Newton's method with step halving. Intervals: refit on
+    ``n_bootstrap`` resamples of the comparisons (with replacement), 2.5 and 97.5 percentiles.
+    """
+    import numpy as np
+
+    comparisons = list(comparisons)
+    if not comparisons:
+        raise PreftuneError("no comparisons to fit", hint="give (a, b, winner) triples")
+    if prior <= 0:
+        raise PreftuneError(f"prior must be > 0, got {prior}", field="prior")
+    index: dict[str, int] = {}
+    ai, bi, score = [], [], []
+    for k, (a, b, winner) in enumerate(comparisons):
+        _check_comparison(a, b, winner, where=f"comparison {k}")
+        ai.append(index.setdefault(a, len(index)))
+        bi.append(index.setdefault(b, len(index)))
+        score.append(1.0 if winner == a else 0.0 if winner == b else 0.5)
+    a_idx, b_idx, s = np.array(ai), np.array(bi), np.array(score)
+    n_players = len(index)
+
+    def win_matrix(weights: np.ndarray) -> np.ndarray:
+        wins = np.zeros((n_players, n_players))
+        np.add.at(wins, (a_idx, b_idx), weights * s)
+        np.add.at(wins, (b_idx, a_idx), weights * (1.0 - s))
+        return wins
+
+    theta = _newton_bt(win_matrix(np.ones(len(s))), prior=prior)
+    ci_low = ci_high = None
+    if n_bootstrap > 0:
+        rng = np.random.default_rng(seed)
+        draws = np.empty((n_bootstrap, n_players))
+        for r in range(n_bootstrap):
+            counts = rng.multinomial(len(s), np.full(len(s), 1.0 / len(s)))
+            draws[r] = _newton_bt(win_matrix(counts.astype(float)), prior=prior, start=theta)
+        ci_low, ci_high = np.percentile(draws, 2.5, axis=0), np.percentile(draws, 97.5, axis=0)
+    names = list(index)
+    tally = {n: [0, 0, 0] for n in names}  # wins, ties, losses
+    for (a, b, _), sc in zip(comparisons, score, strict=True):
+        if sc == 0.5:
+            tally[a][1] += 1
+            tally[b][1] += 1
+        else:
+            tally[a if sc == 1.0 else b][0] += 1
+            tally[b if sc == 1.0 else a][2] += 1
+    order = sorted(range(n_players), key=lambda i: -theta[i])
+
+    def pick(arr: Any) -> list[float]:
+        return [float(arr[i]) for i in order]
+
+    return BTFit(names=[names[i] for i in order], strengths=pick(theta),
+                 ci_low=pick(ci_low) if ci_low is not None else None,
+                 ci_high=pick(ci_high) if ci_high is not None else None, n_comparisons=len(s),
+                 wins=[tally[names[i]][0] for i in order], ties=[tally[names[i]][1] for i in order],
+                 losses=[tally[names[i]][2] for i in order], n_bootstrap=n_bootstrap, prior=prior)
+
+
+def _newton_bt(wins: Any, *, prior: float, start: Any = None, tol: float = 1e-10, max_iter: int = 100) -> Any:
+    """Maximise the penalised BT log-likelihood for a win matrix wins[i, j] (i over j, ties as 1/2)."""
+    import numpy as np
+
+    games = wins + wins.T
+    theta = np.zeros(len(wins)) if start is None else np.array(start, dtype=float)
+
+    def objective(t: np.ndarray) -> float:
+        diff = t[:, None] - t[None, :]
+        return float(-(wins * np.logaddexp(0.0, -diff)).sum() - 0.5 * prior * t @ t)
+
+    value = objective(theta)
+    for _ in range(max_iter):
+        p = 1.0 / (1.0 + np.exp(-(theta[:, None] - theta[None, :])))  # P(i beats j)
+        grad = (wins - games * p).sum(axis=1) - prior * theta
+        curv = games * p * (1.0 - p)
+        hess = curv - np.diag(curv.sum(axis=1) + prior)  # negative definite
+        step = -np.linalg.solve(hess, grad)
+        t = 1.0
+        while t > 1e-8:
+            new_theta = theta + t * step
+            new_value = objective(new_theta)
+            if new_value >= value - 1e-12:
+                break
+            t *= 0.5
+        theta, value = new_theta, new_value
+        if np.max(np.abs(t * step)) < tol:
+            break
+    return theta
+
+
+def _check_comparison(a: Any, b: Any, winner: Any, *, where: str, path: str | None = None,
+                      line: int | None = None) -> None:
+    loc = {"path": path, "line": line}
+    for name, value in (("a", a), ("b", b), ("winner", winner)):
+        if not isinstance(value, str) or not value.strip():
+            raise PreftuneError(f"{where}: '{name}' must be a non-empty name, got {value!r}", field=name, **loc)
+    if a == b:
+        raise PreftuneError(f"{where}: a player cannot be compared with itself ('{a}')", field="b", **loc)
+    if TIE in (a, b):
+        raise PreftuneError(f"{where}: '{TIE}' is reserved for ties and cannot name a player", field="a", **loc)
+    if winner not in (a, b, TIE):
+        raise PreftuneError(f"{where}: winner '{winner}' is neither a ('{a}'), b ('{b}') nor '{TIE}'",
+                            field="winner", hint="write the winner's name, or 'tie'", **loc)
+
+
+def read_comparisons(path: str | Path) -> list[tuple[str, str, str]]:
+    """Read ``a,b,winner`` comparisons from CSV (with a header; extra columns ignored) or JSONL."""
+    path = Path(path)
+    if not path.exists():
+        raise PreftuneError("file not found", path=str(path), hint="check the path to the comparisons file")
+    text = path.read_text(encoding="utf-8-sig")
+    if not text.strip():
+        raise PreftuneError("the file is empty", path=str(path), line=1,
+                            hint="write a header 'a,b,winner' and one comparison per row")
+    rows: list[tuple[int, dict[str, Any]]] = []
+    if path.suffix.lower() in (".jsonl", ".json"):
+        for line, raw in enumerate(text.splitlines(), start=1):
+            if raw.strip():
+                try:
+                    obj = json.loads(raw)
+                except json.JSONDecodeError as exc:
+                    raise PreftuneError(f"invalid JSON: {exc.msg}", path=str(path), line=line) from None
+                if not isinstance(obj, dict):
+                    raise PreftuneError("expected an object with keys a, b, winner", path=str(path), line=line)
+                rows.append((line, obj))
+    else:
+        reader = csv.DictReader(io.StringIO(text))
+        header = [h.strip() for h in reader.fieldnames or []]
+        for key in ("a", "b", "winner"):
+            if key not in header:
+                raise PreftuneError(f"missing column '{key}' in the header {header}", path=str(path), line=1,
+                                    field=key, hint="the first row must be a header such as 'a,b,winner'")
+        reader.fieldnames = header
+        for row in reader:
+            if any((v or "").strip() for v in row.values() if isinstance(v, str)):
+                rows.append((reader.line_num, row))
+    out = []
+    for line, row in rows:
+        for key in ("a", "b", "winner"):
+            if row.get(key) is None:
+                raise PreftuneError(f"missing '{key}'", path=str(path), line=line, field=key)
+        a, b, w = (row[k].strip() if isinstance(row[k], str) else row[k] for k in ("a", "b", "winner"))
+        w = TIE if isinstance(w, str) and w.lower() == TIE and w not in (a, b) else w
+        _check_comparison(a, b, w, where="comparison", path=str(path), line=line)
+        out.append((a, b, w))
+    if not out:
+        raise PreftuneError("no comparisons in the file", path=str(path), line=1)
+    return out
