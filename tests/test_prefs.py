@@ -368,3 +368,16 @@ def test_read_comparisons_formats(tmp_path):
     assert read_comparisons(csv_path) == read_comparisons(jsonl_path) == [("x", "y", "x"), ("y", "x", "tie")]
     example = read_comparisons(EXAMPLES / "comparisons.csv")
     assert len(example) == 60 and {w for _, _, w in example} >= {"tie"}
+
+
+def test_json_errors_point_at_the_rating_line(tmp_path):
+    """In examples/course/ratings.json subpopulation_3 opens on line 12 and its y3 (0) is on line 15;
+    a string rating on its own line is reported on that line."""
+    with pytest.raises(PreftuneError) as err:
+        bradley_terry_table(read_ratings(EXAMPLES / "ratings.json"), scale="ratio")
+    assert (err.value.line, err.value.field) == (15, "y3")
+    path = tmp_path / "r.json"
+    path.write_text('{\n  "g1": {\n    "y1": 1,\n    "y2": "two"\n  }\n}\n')
+    with pytest.raises(PreftuneError) as err:
+        read_ratings(path)
+    assert (err.value.path, err.value.line, err.value.field) == (str(path), 4, "y2")

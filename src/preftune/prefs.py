@@ -38,13 +38,18 @@ TIE = "tie"
 class Ratings:
     """Ratings of the same responses by several groups: ``values[group][response]``.
 
-    ``path`` and ``lines`` (group -> line of the file) only serve error messages.
+    ``path``, ``lines`` (group -> line of the file) and ``cell_lines`` ((group, response) -> line, where
+    it differs) only serve error messages.
     """
 
     responses: tuple[str, ...]
     values: dict[str, dict[str, float]]
     path: str | None = None
     lines: dict[str, int] = field(default_factory=dict)
+    cell_lines: dict[tuple[str, str], int] = field(default_factory=dict)
+
+    def line_of(self, group: str, response: str) -> int | None:
+        return self.cell_lines.get((group, response), self.lines.get(group))
 
     @property
     def groups(self) -> tuple[str, ...]:
@@ -160,31 +165,43 @@ def _ratings_from_mapping(obj: Mapping[str, Any], *, path: str | None, text: str
     responses: tuple[str, ...] | None = None
     values: dict[str, dict[str, float]] = {}
     lines: dict[str, int] = {}
+    cell_lines: dict[tuple[str, str], int] = {}
     for group, row in obj.items():
-        line = _json_line(text, group) if text is not None else None
+        group = str(group)
+        line = _json_line(text, group)
         if not isinstance(row, Mapping) or not row:
-            raise PreftuneError("expected an object {response: rating}", path=path, line=line, field=str(group))
+            raise PreftuneError("expected an object {response: rating}", path=path, line=line, field=group)
+        row = {str(k): v for k, v in row.items()}
         if responses is None:
             responses = tuple(str(r) for r in row)
             if len(responses) < 2:
-                raise PreftuneError("at least two responses are needed", path=path, line=line, field=str(group))
-        if set(map(str, row)) != set(responses):
-            raise PreftuneError(f"group '{group}' rates {sorted(map(str, row))} but the first group rates "
-                                f"{sorted(responses)}", path=path, line=line, field=str(group),
+                raise PreftuneError("at least two responses are needed", path=path, line=line, field=group)
+        if set(row) != set(responses):
+            raise PreftuneError(f"group '{group}' rates {sorted(row)} but the first group rates "
+                                f"{sorted(responses)}", path=path, line=line, field=group,
                                 hint="every group must rate the same responses")
-        values[str(group)] = {r: _number(row[r], path=path, line=line, field=r, group=str(group))
-                              for r in responses}
+        values[group] = {}
+        for r in responses:
+            cell = _json_line(text, r, after=group)
+            values[group][r] = _number(row[r], path=path, line=cell or line, field=r, group=group)
+            if cell is not None:
+                cell_lines[group, r] = cell
         if line is not None:
-            lines[str(group)] = line
+            lines[group] = line
     if responses is None:
         raise PreftuneError("no groups", path=path, line=1)
-    return Ratings(responses, values, path, lines)
+    return Ratings(responses, values, path, lines, cell_lines)
 
 
-def _json_line(text: str | None, key: str, *, last: bool = False) -> int | None:
+def _json_line(text: str | None, key: str, *, last: bool = False, after: str | None = None) -> int | None:
+    """Line of the first (or last) ``"key":`` in a JSON text, searching after ``"after":`` if given."""
     if text is None:
         return None
-    hits = list(re.finditer(re.escape(json.dumps(key)) + r"\s*:", text))
+    start = 0
+    if after is not None:
+        found = re.search(re.escape(json.dumps(after)) + r"\s*:", text)
+        start = found.end() if found else 0
+    hits = list(re.compile(re.escape(json.dumps(key)) + r"\s*:").finditer(text, start))
     if not hits:
         return None
     return text.count("\n", 0, hits[-1 if last else 0].start()) + 1
@@ -200,14 +217,13 @@ def _is_number(cell: str) -> bool:
 
 def _number(value: Any, *, path: str | None, line: int | None, field: str, group: str | None = None) -> float:
     where = f" for group '{group}'" if group else ""
-    if isinstance(value, bool) or value is None or (isinstance(value, str) and not _is_number(value)):
-        raise PreftuneError(f"rating {value!r}{where} is not a number", path=path, line=line, field=field,
-                            hint="ratings are numbers such as 1, 0.5 or -2")
     try:
+        if isinstance(value, bool) or value is None:
+            raise TypeError(value)
         number = float(value)
     except (TypeError, ValueError):
-        raise PreftuneError(f"rating {value!r}{where} is not a number", path=path, line=line,
-                            field=field) from None
+        raise PreftuneError(f"rating {value!r}{where} is not a number", path=path, line=line, field=field,
+                            hint="ratings are numbers such as 1, 0.5 or -2") from None
     if not math.isfinite(number):
         raise PreftuneError(f"rating {value!r}{where} is not finite", path=path, line=line, field=field)
     return number
@@ -256,7 +272,7 @@ def bradley_terry_table(ratings: Ratings | Mapping[str, Mapping[str, float]], *,
             for resp, r in row.items():
                 if r <= 0:
                     raise PreftuneError(f"rating {r:g} of group '{group}' must be > 0 on the ratio scale",
-                                        path=ratings.path, line=ratings.lines.get(group), field=resp,
+                                        path=ratings.path, line=ratings.line_of(group, resp), field=resp,
                                         hint="use --scale logit for ratings that can be 0 or negative")
         matrix = {a: {b: pairwise_probability(row[a], row[b], scale=scale)
                       for b in ratings.responses if b != a} for a in ratings.responses}
