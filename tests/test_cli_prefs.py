@@ -143,3 +143,9 @@ def test_errors_are_one_clear_line(tmp_path, args, file_text, expected):
     stderr = " ".join(result.stderr.split())
     assert expected.format(path=path, missing=missing) in stderr
     assert "Traceback" not in result.output
+
+
+def test_prefs_lists_every_subcommand():
+    text = run("--help").stdout
+    for name in ("table", "aggregate", "rank", "fit", "loss"):
+        assert name in text

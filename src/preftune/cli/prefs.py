@@ -12,21 +12,14 @@ import typer
 from rich.table import Table
 
 from preftune.cli._common import console, handle_errors, print_json
+from preftune.cli.prefs_loss import loss_app
 from preftune.errors import PreftuneError
-
-try:  # `prefs loss ...` lives in its own module
-    from preftune.cli.prefs_loss import loss_app
-except ModuleNotFoundError as exc:  # pragma: no cover - only while prefs_loss.py is being written
-    if exc.name != "preftune.cli.prefs_loss":
-        raise
-    loss_app = None
 
 prefs_app = typer.Typer(
     help="Preference calculator: Bradley-Terry and Plackett-Luce probabilities, MaxMin choice, BT fits.",
     no_args_is_help=True,
 )
-if loss_app is not None:
-    prefs_app.add_typer(loss_app, name="loss")
+prefs_app.add_typer(loss_app, name="loss")  # `prefs loss ...`: reward-model and DPO-family loss values
 
 JSON_HELP = "Print every number unrounded as JSON."
 WIDE_PAIRS = 6  # up to this many pairs, one table with a column per pair; beyond, a matrix per group
