@@ -1,0 +1,138 @@
+"""Batches of padded tensors: pad to the longest sequence in the batch (not to max_length).
+
+DPO batches put chosen and rejected in ONE tensor of 2B rows (chosen rows first, then rejected) so the
+policy and the reference each need a single forward pass per batch. Reward-model batches flatten all
+responses of all items (2 per pair, K per ranking) into one tensor and say, per item, which rows are its
+responses, best first.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from preftune.data.tokenize import IGNORE_INDEX, TokenizedPair, TokenizedRanking, TokenizedSequence
+
+
+def pad_sequences(sequences: Sequence[Sequence[int]], *, pad_value: int,
+                  padding_side: str = "right") -> tuple[torch.Tensor, torch.Tensor]:
+    """Pad to the longest sequence: returns (ids [N, T] long, attention_mask [N, T] long)."""
+    if padding_side not in ("left", "right"):
+        raise ValueError(f"padding_side must be 'left' or 'right', not {padding_side!r}")
+    longest = max((len(s) for s in sequences), default=0)
+    ids = torch.full((len(sequences), longest), pad_value, dtype=torch.long)
+    mask = torch.zeros((len(sequences), longest), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        n = len(seq)
+        if n == 0:
+            continue
+        cols = slice(0, n) if padding_side == "right" else slice(longest - n, longest)
+        ids[row, cols] = torch.as_tensor(list(seq), dtype=torch.long)
+        mask[row, cols] = 1
+    return ids, mask
+
+
+def _ids_labels(ids: Sequence[Sequence[int]], labels: Sequence[Sequence[int]], *, pad_token_id: int,
+                padding_side: str) -> dict[str, torch.Tensor]:
+    input_ids, attention_mask = pad_sequences(ids, pad_value=pad_token_id, padding_side=padding_side)
+    padded_labels, _ = pad_sequences(labels, pad_value=IGNORE_INDEX, padding_side=padding_side)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": padded_labels}
+
+
+def _optional(values: Sequence[float | None]) -> torch.Tensor:
+    return torch.tensor([math.nan if v is None else float(v) for v in values], dtype=torch.float32)
+
+
+def collate_pairs(items: Sequence[TokenizedPair], *, pad_token_id: int,
+                  padding_side: str = "right") -> dict[str, torch.Tensor]:
+    """B pairs -> ``input_ids``/``attention_mask``/``labels`` [2B, T]: rows 0..B-1 chosen, B..2B-1 rejected.
+
+    Adds ``margin`` [B] (NaN where a pair has none) when any pair has one, and ``ref_chosen_logps`` /
+    ``ref_rejected_logps`` [B] when every pair carries cached reference log-probs.
+    """
+    batch = _ids_labels([p.chosen_input_ids for p in items] + [p.rejected_input_ids for p in items],
+                        [p.chosen_labels for p in items] + [p.rejected_labels for p in items],
+                        pad_token_id=pad_token_id, padding_side=padding_side)
+    if any(p.margin is not None for p in items):
+        batch["margin"] = _optional([p.margin for p in items])
+    if items and all(p.ref_chosen_logps is not None and p.ref_rejected_logps is not None for p in items):
+        batch["ref_chosen_logps"] = _optional([p.ref_chosen_logps for p in items])
+        batch["ref_rejected_logps"] = _optional([p.ref_rejected_logps for p in items])
+    return batch
+
+
+def collate_responses(items: Sequence[TokenizedPair | TokenizedRanking], *, pad_token_id: int,
+                      padding_side: str = "right") -> dict[str, torch.Tensor]:
+    """Pairs and rankings for a reward model: every response of every item in one [N, T] tensor.
+
+    ``response_index`` [B, K] gives the rows of item b's responses best first (a pair is K=2: chosen,
+    rejected), ``response_mask`` [B, K] marks the real ones, ``margin`` [B] is NaN where absent, and
+    ``is_ranking`` [B] says which items are rankings (pairs use the Bradley-Terry loss, rankings the
+    all-pairs InstructGPT loss).
+    """
+    sequences: list[list[int]] = []
+    groups: list[list[int]] = []
+    for item in items:
+        responses = item.input_ids if isinstance(item, TokenizedRanking) else [item.chosen_input_ids,
+                                                                                item.rejected_input_ids]
+        groups.append(list(range(len(sequences), len(sequences) + len(responses))))
+        sequences.extend(responses)
+    input_ids, attention_mask = pad_sequences(sequences, pad_value=pad_token_id, padding_side=padding_side)
+    width = max(len(g) for g in groups)
+    index = torch.zeros((len(items), width), dtype=torch.long)
+    mask = torch.zeros((len(items), width), dtype=torch.bool)
+    for b, group in enumerate(groups):
+        index[b, : len(group)] = torch.as_tensor(group)
+        mask[b, : len(group)] = True
+    return {
+        "input_ids": input_ids, "attention_mask": attention_mask,
+        "response_index": index, "response_mask": mask,
+        "margin": _optional([None if isinstance(i, TokenizedRanking) else i.margin for i in items]),
+        "is_ranking": torch.tensor([isinstance(i, TokenizedRanking) for i in items], dtype=torch.bool),
+    }
+
+
+def collate_sft(items: Sequence[TokenizedSequence], *, pad_token_id: int,
+                padding_side: str = "right") -> dict[str, torch.Tensor]:
+    """SFT examples -> ``input_ids``/``attention_mask``/``labels`` [B, T] (labels -100 on pads and prompts)."""
+    return _ids_labels([s.input_ids for s in items], [s.labels for s in items],
+                       pad_token_id=pad_token_id, padding_side=padding_side)
+
+
+def length_grouped_order(lengths: Sequence[int], batch_size: int, seed: int, *,
+                         mega_batch_factor: int = 50) -> list[int]:
+    """An epoch's order of example indices in which each run of ``batch_size`` has similar lengths.
+
+    Shuffle (seeded), cut into mega-batches of ``batch_size * mega_batch_factor``, sort each by length
+    (longest first), cut into batches, shuffle the batches, and put the batch holding the longest example
+    first (an out-of-memory shows at step 0, not hours in); an incomplete batch stays last. Less padding,
+    still random.
+    """
+    if batch_size < 1:
+        raise ValueError("batch_size must be >= 1")
+    rng = random.Random(seed)
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    mega = batch_size * mega_batch_factor
+    batches: list[list[int]] = []
+    for start in range(0, len(order), mega):
+        chunk = sorted(order[start:start + mega], key=lambda i: -lengths[i])
+        batches += [chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size)]
+    short = [batches.pop()] if batches and len(batches[-1]) < batch_size else []
+    rng.shuffle(batches)
+    if batches:
+        longest = max(range(len(batches)), key=lambda b: max(lengths[i] for i in batches[b]))
+        batches.insert(0, batches.pop(longest))
+    batches += short  # the one incomplete batch stays last, so every run of batch_size is one batch
+    return [i for batch in batches for i in batch]
+
+
+def item_length(item: Any) -> int:
+    """Length used for length grouping: the longest sequence of the item."""
+    if isinstance(item, TokenizedSequence):
+        return len(item.input_ids)
+    return int(item.length)
