@@ -14,7 +14,11 @@ bar and saving the final model. A method owns only what is its own:
 4. ``loss(model, batch, normaliser=...)``: the SUM of per-unit losses divided by ``normaliser``, and a
    dict of metric sums (the loop divides them by the same total when it logs; values that are already
    means, like a learning rate, go in ``logs`` of the return instead).
-5. ``before_step(model, step)``: a hook for online methods (generate and score rollouts); no-op offline.
+5. ``before_step(model, step)``: a hook for online methods (generate and score rollouts). Offline methods
+   return None and the loop takes the step's items from ``train_items`` in a seeded order. An online
+   method may return this process's items for the step (a list, at least ``grad_accum`` long); the loop
+   then collates them into ``grad_accum`` micro-batches instead. (Refinement by the loop's author:
+   returning a list is new; returning None keeps the original contract.)
 6. ``save(model, path)``: write the final model and tokenizer with ``save_pretrained``.
 """
 
@@ -56,6 +60,6 @@ class TrainingMethod(Protocol):
 
     def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor], *, normaliser: float) -> StepOutput: ...
 
-    def before_step(self, model: torch.nn.Module, step: int) -> None: ...
+    def before_step(self, model: torch.nn.Module, step: int) -> list[Any] | None: ...
 
     def save(self, model: torch.nn.Module, path: Path) -> None: ...

@@ -1,0 +1,492 @@
+"""The one training loop. Every method (sft, reward, dpo, ...) only says how a batch becomes a loss.
+
+Read ``train`` top to bottom: setup -> optimizer + schedule -> (resume) -> for each step:
+before_step -> micro-batches -> forward/backward -> clip -> step -> log / eval / checkpoint -> final save.
+
+Data order. Each epoch uses a permutation of the training items seeded by ``seed + epoch``; optimizer
+step ``s`` takes positions ``[i*G, (i+1)*G)`` of epoch ``s // steps_per_epoch`` (``i`` = the step within
+the epoch, ``G = batch_size * grad_accum * num_processes``). The position in the data is therefore a
+pure function of the step, and resuming needs only the step counter, never a replay of a dataloader.
+Items that do not fill a last global batch are left out of that epoch (a different few each epoch).
+
+Gradient accumulation and normalisation (the arithmetic that makes "batch 8 x accumulation 1" equal
+"batch 1 x accumulation 8", and W processes equal one). Let process ``p`` hold micro-batches
+``k = 1..A`` with ``u_pk`` units (tokens, examples or pairs) and summed loss ``S_pk``. The goal is the
+gradient of the global mean ``L = sum_pk S_pk / U`` with ``U = sum_pk u_pk``:
+
+1. every process sums its ``u_pk`` and the sum is all-reduced, so all know ``U``;
+2. each micro-batch's loss is ``S_pk / U`` (the method divides by ``normaliser=U``) and its backward
+   adds ``grad(S_pk) / U`` to ``.grad`` (``no_sync`` on all but the last micro-batch, so DDP
+   communicates once per step); process ``p`` then holds ``g_p = sum_k grad(S_pk) / U``;
+3. DDP averages over processes: ``(1/W) sum_p g_p = grad(L) / W``. So the loss is multiplied by ``W``
+   before backward, and the averaged gradient is exactly ``grad(L)``, whatever the split.
+
+Logged values are global: ``loss`` is ``L`` (mean over the steps since the last log line), method
+metrics are their sums over all units divided by ``U``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import json
+import math
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from preftune.config import TrainConfig, command_of, to_dict, write_config
+from preftune.errors import PreftuneError
+from preftune.train.base import RunContext, StepOutput, TrainingMethod
+from preftune.train.checkpoint import TrainerState, find_resume, load_checkpoint, save_checkpoint
+
+# ------------------------------------------------------------------------------------------------ data plan
+
+
+def plan_steps(num_items: int, config: TrainConfig, num_processes: int) -> TrainerState:
+    """Global batch, steps per epoch and total steps for ``num_items`` training items."""
+    global_batch = config.batch_size * config.grad_accum * num_processes
+    steps_per_epoch = num_items // global_batch
+    if steps_per_epoch == 0:
+        raise PreftuneError(
+            f"only {num_items} training examples, but one optimizer step needs {global_batch} "
+            f"(batch_size {config.batch_size} x grad_accum {config.grad_accum} x {num_processes} processes)",
+            field="batch_size", hint="lower batch_size or grad_accum, or add training data")
+    total = config.max_steps or max(1, math.ceil(config.epochs * steps_per_epoch))
+    return TrainerState(num_items=num_items, global_batch=global_batch, steps_per_epoch=steps_per_epoch,
+                        total_steps=total)
+
+
+def epoch_order(num_items: int, *, seed: int, epoch: int) -> list[int]:
+    """The seeded permutation of item indices for one epoch (independent of every global RNG)."""
+    generator = torch.Generator().manual_seed(seed + epoch)
+    return torch.randperm(num_items, generator=generator).tolist()
+
+
+def batch_indices(state: TrainerState, step: int, *, seed: int) -> list[int]:
+    """The item indices of optimizer step ``step`` (0-based) over all processes, in order."""
+    epoch, within = divmod(step, state.steps_per_epoch)
+    order = epoch_order(state.num_items, seed=seed, epoch=epoch)
+    return order[within * state.global_batch:(within + 1) * state.global_batch]
+
+
+def split_for_process(items: list[Any], *, micro_batches: int, process: int, num_processes: int) -> list[list[Any]]:
+    """This process's micro-batches of one step: micro-batch ``k`` of process ``p`` is the (k*W + p)-th
+    contiguous chunk of the step's items, so every process gets ``micro_batches`` non-empty chunks."""
+    chunks = micro_batches * num_processes
+    if len(items) < chunks:
+        raise PreftuneError(f"a step has {len(items)} items, fewer than {chunks} micro-batches x processes")
+    bounds = [round(j * len(items) / chunks) for j in range(chunks + 1)]
+    return [items[bounds[c]:bounds[c + 1]] for c in (k * num_processes + process for k in range(micro_batches))]
+
+
+# ------------------------------------------------------------------------------------------------ entry point
+
+# command -> "module:class" of its method; imported only when that command runs
+METHODS = {
+    "sft": "preftune.train.sft:SFTMethod",
+    "reward": "preftune.train.reward:RewardMethod",
+    "dpo": "preftune.train.dpo:DPOMethod",
+}
+
+
+def run(command: str, config: TrainConfig | dict[str, Any] | str | Path, **overrides: Any) -> Path:
+    """``preftune train COMMAND`` from Python: build the method, train, return ``OUTPUT_DIR/final``.
+
+    ``config`` is a config instance, a mapping of keys or a YAML path; ``overrides`` change keys
+    (``run("dpo", "dpo.yaml", beta=0.2)``). Unknown keys and wrong types raise PreftuneError.
+    """
+    import importlib
+
+    from preftune.config import CONFIGS, from_mapping, load_config
+
+    if command not in METHODS or command not in CONFIGS:
+        close = difflib.get_close_matches(command, list(METHODS), n=1)
+        raise PreftuneError(f"unknown training method {command!r}",
+                            hint=(f"did you mean {close[0]!r}? " if close else "") + f"methods: {', '.join(METHODS)}")
+    cls = CONFIGS[command]
+    if isinstance(config, (str, Path)):
+        config = load_config(cls, config)
+    if isinstance(config, dict):
+        config = from_mapping(cls, config)
+    if overrides:
+        config = from_mapping(cls, {**to_dict(config), **overrides})
+    if not isinstance(config, cls):
+        raise PreftuneError(f"`train {command}` needs a {cls.__name__}, got {type(config).__name__}")
+    module, _, name = METHODS[command].partition(":")
+    method = getattr(importlib.import_module(module), name)()
+    return train(method, config)
+
+
+# ------------------------------------------------------------------------------------------------ the loop
+
+
+def train(method: TrainingMethod, config: TrainConfig) -> Path:
+    """Train ``method`` as ``config`` says; return ``OUTPUT_DIR/final`` (the saved model and tokenizer)."""
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration, set_seed
+
+    out = Path(config.output_dir)
+    trackers = _trackers(config.report_to)
+    accelerator = Accelerator(
+        mixed_precision=config.mixed_precision, log_with=trackers or None,
+        project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
+    )
+    log = _main_print(accelerator)
+    try:
+        set_seed(config.seed)
+        if accelerator.is_main_process:
+            write_config(config, out / "config.yaml", command=command_of(config))
+        method.setup(RunContext(config=config, accelerator=accelerator, output_dir=out, log=log))
+        state = plan_steps(len(method.train_items), config, accelerator.num_processes)
+        _describe(method, state, config, log)
+
+        optimizer = _adamw(method.model, config)
+        scheduler = _schedule(optimizer, config, state.total_steps)
+        model, optimizer = accelerator.prepare(method.model, optimizer)
+        accelerator.register_for_checkpointing(scheduler)
+
+        resume_from = find_resume(out, config.resume)
+        if resume_from is not None:
+            saved = load_checkpoint(accelerator, resume_from)
+            _check_same_plan(saved, state, resume_from)
+            state.step, state.pending = saved.step, saved.pending
+            log(f"resumed from {resume_from} at step {state.step}")
+        metrics = MetricsFile(out / "metrics.jsonl", keep_until=state.step, enabled=accelerator.is_main_process)
+        if trackers:
+            accelerator.init_trackers(config.run_name or out.name, config=_scalars(to_dict(config)))
+
+        with _progress(accelerator, state) as bar, _StopOnSigint(log) as stop:
+            while state.step < state.total_steps:
+                step_log = _train_step(method, model, optimizer, scheduler, accelerator, config, state,
+                                       stop=stop)
+                state.step += 1
+                _accumulate(state.pending, step_log)
+                bar.update(state.step, step_log["loss"])
+                if state.step % config.log_every == 0 or state.step == state.total_steps:
+                    record = _finish_log(state, config)
+                    metrics.write(record)
+                    accelerator.log(record, step=state.step)
+                if method.eval_items and (
+                        (config.eval_every and state.step % config.eval_every == 0) or state.step == state.total_steps):
+                    record = {"step": state.step, "epoch": _epoch(state),
+                              **evaluate(method, model, accelerator, config)}
+                    metrics.write(record)
+                    accelerator.log(record, step=state.step)
+                    log(_format_eval(record))
+                if config.save_every and state.step % config.save_every == 0:
+                    save_checkpoint(accelerator, state, out, keep=config.keep_checkpoints)
+                if step_log["stop"]:
+                    path = save_checkpoint(accelerator, state, out, keep=config.keep_checkpoints)
+                    log(f"interrupted: saved {path}; run the same command again to continue")
+                    raise KeyboardInterrupt
+
+        return _save_final(method, model, accelerator, config, out, log)
+    finally:
+        if trackers:
+            accelerator.end_training()
+        _release(accelerator)
+
+
+def _train_step(method: TrainingMethod, model: Any, optimizer: Any, scheduler: Any, accelerator: Any,
+                config: TrainConfig, state: TrainerState, *, stop: _StopOnSigint) -> dict[str, Any]:
+    """One optimizer step over ``grad_accum`` micro-batches per process; returns the step's global values."""
+    started = time.perf_counter()
+    world, accum = accelerator.num_processes, config.grad_accum
+    # 1. the step's items: this process's share of the seeded order of the training set, or the items
+    #    an online method's before_step produced on this process (generate + score)
+    items = method.before_step(model, state.step)
+    if items is None:
+        items = [method.train_items[i] for i in batch_indices(state, state.step, seed=config.seed)]
+        chunks = split_for_process(items, micro_batches=accum, process=accelerator.process_index,
+                                   num_processes=world)
+    else:
+        chunks = split_for_process(list(items), micro_batches=accum, process=0, num_processes=1)
+    micro = [method.collate(chunk) for chunk in chunks]
+    # 2. the normaliser U: units summed over this process's micro-batches and all-reduced over processes
+    local_units = torch.tensor(sum(float(method.units(b)) for b in micro), dtype=torch.float64,
+                               device=accelerator.device)
+    total_units = accelerator.reduce(local_units, reduction="sum").item()
+    if total_units <= 0:
+        raise PreftuneError(f"step {state.step + 1} has no units to average over (e.g. every completion "
+                            "was truncated away)", hint="raise max_length or check the data")
+    # 3. forward / backward per micro-batch; DDP synchronises gradients on the last one only
+    model.train()
+    loss_sum = torch.zeros((), device=accelerator.device, dtype=torch.float64)
+    metric_sums: dict[str, torch.Tensor] = {}
+    logs: dict[str, float] = {}
+    tokens = 0
+    for k, batch in enumerate(micro):
+        batch = _to_device(batch, accelerator.device)
+        tokens += _count_tokens(batch)
+        sync = contextlib.nullcontext() if k == accum - 1 else accelerator.no_sync(model)
+        with sync:
+            out: StepOutput = method.loss(model, batch, normaliser=total_units)
+            accelerator.backward(out.loss * world)  # x W: DDP's mean over processes becomes the sum
+        loss_sum += out.loss.detach().double()
+        for name, value in out.metric_sums.items():
+            metric_sums[name] = metric_sums.get(name, 0.0) + torch.as_tensor(value).detach().double()
+        logs.update(out.logs)
+    # 4. clip, step, schedule
+    grad_norm = accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm or float("inf"))
+    learning_rate = scheduler.get_last_lr()[0]
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    # 5. global values: one all-reduce for the loss, the metric sums, the token count and the stop flag
+    names = sorted(metric_sums)
+    packed = torch.stack([loss_sum, *(metric_sums[n].to(accelerator.device).reshape(()) for n in names),
+                          torch.tensor(float(tokens), dtype=torch.float64, device=accelerator.device),
+                          torch.tensor(float(stop.requested), dtype=torch.float64, device=accelerator.device)])
+    packed = accelerator.reduce(packed, reduction="sum").tolist()
+    return {"loss": packed[0], "grad_norm": float(grad_norm), "learning_rate": learning_rate,
+            "metrics": {n: v / total_units for n, v in zip(names, packed[1:-2], strict=True)}, "logs": logs,
+            "tokens": packed[-2], "seconds": time.perf_counter() - started, "stop": packed[-1] > 0}
+
+
+@torch.no_grad()
+def evaluate(method: TrainingMethod, model: Any, accelerator: Any, config: TrainConfig) -> dict[str, float]:
+    """``eval/loss`` and ``eval/<metric>`` over all eval items: sums over units, divided by the total units."""
+    items = method.eval_items[accelerator.process_index::accelerator.num_processes]
+    weight = 1.0 if items else 0.0  # a process without eval items joins the all-reduce with zeros
+    items = items or method.eval_items[:1]
+    size = config.eval_batch_size or config.batch_size
+    model.eval()
+    sums: dict[str, torch.Tensor] = {}
+    units = 0.0
+    for start in range(0, len(items), size):
+        batch = _to_device(method.collate(items[start:start + size]), accelerator.device)
+        units += weight * float(method.units(batch))
+        out = method.loss(model, batch, normaliser=1.0)  # normaliser 1: the loss comes back as a sum
+        for name, value in {"loss": out.loss, **out.metric_sums}.items():
+            sums[name] = sums.get(name, 0.0) + weight * torch.as_tensor(value).detach().double()
+    model.train()
+    names = sorted(sums)
+    packed = torch.stack([torch.tensor(units, dtype=torch.float64),
+                          *(torch.as_tensor(sums.get(n, 0.0), dtype=torch.float64).cpu() for n in names)])
+    packed = accelerator.reduce(packed.to(accelerator.device), reduction="sum").tolist()
+    return {f"eval/{n}": v / packed[0] for n, v in zip(names, packed[1:], strict=True)} if packed[0] > 0 else {}
+
+
+def _save_final(method: TrainingMethod, model: Any, accelerator: Any, config: TrainConfig, out: Path,
+                log: Any) -> Path:
+    """``OUTPUT_DIR/final`` (LoRA: the adapter) and, with ``merge_lora``, ``OUTPUT_DIR/final-merged``."""
+    accelerator.wait_for_everyone()
+    final = out / "final"
+    if accelerator.is_main_process:
+        inner = accelerator.unwrap_model(model)
+        method.save(inner, final)
+        log(f"saved the final model to {final}")
+        if config.lora and config.merge_lora:
+            merged = inner.merge_and_unload()
+            method.save(merged, out / "final-merged")
+            log(f"saved the merged model to {out / 'final-merged'}")
+    accelerator.wait_for_everyone()
+    return final
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+
+
+def _adamw(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW (Loshchilov & Hutter 2019) over trainable parameters; no weight decay on biases and norms."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise PreftuneError("the model has no trainable parameters", field="lora")
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": config.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=config.learning_rate,
+                             betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_epsilon)
+
+
+def _schedule(optimizer: torch.optim.Optimizer, config: TrainConfig, total_steps: int) -> Any:
+    """Linear warmup to the peak learning rate, then cosine / linear decay to 0, or constant."""
+    from transformers import get_scheduler
+
+    warmup = config.warmup_steps or math.ceil(config.warmup_ratio * total_steps)
+    name = {"constant": "constant_with_warmup"}.get(config.lr_scheduler, config.lr_scheduler)
+    return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
+
+
+def _check_same_plan(saved: TrainerState, now: TrainerState, path: Path) -> None:
+    for key in ("num_items", "global_batch"):
+        if getattr(saved, key) != getattr(now, key):
+            raise PreftuneError(
+                f"cannot resume: the checkpoint was trained with {key} = {getattr(saved, key)}, "
+                f"this run has {getattr(now, key)}", path=str(path),
+                hint="use the same data and batch settings, or set resume: never (or a new output_dir)")
+
+
+def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def _count_tokens(batch: dict[str, Any]) -> int:
+    """Real (non-padding) tokens: the sum of every ``*attention_mask`` tensor, else of ``input_ids`` sizes."""
+    masks = [v for k, v in batch.items() if k.endswith("attention_mask") and isinstance(v, torch.Tensor)]
+    if masks:
+        return int(sum(m.sum().item() for m in masks))
+    return int(sum(v.numel() for k, v in batch.items() if k.endswith("input_ids") and isinstance(v, torch.Tensor)))
+
+
+def _accumulate(pending: dict[str, Any], step_log: dict[str, Any]) -> None:
+    """Add one step's values to the sums kept until the next log line (saved in checkpoints)."""
+    pending["steps"] = pending.get("steps", 0) + 1
+    for key in ("loss", "grad_norm", "tokens", "seconds"):
+        pending[key] = pending.get(key, 0.0) + step_log[key]
+    sums = pending.setdefault("metrics", {})
+    for name, value in step_log["metrics"].items():
+        sums[name] = sums.get(name, 0.0) + value
+    pending["learning_rate"] = step_log["learning_rate"]
+    pending["logs"] = step_log["logs"]
+
+
+def _finish_log(state: TrainerState, config: TrainConfig) -> dict[str, Any]:
+    """One metrics.jsonl record: means over the steps since the last record; resets the sums."""
+    p, n = state.pending, state.pending["steps"]
+    record = {"step": state.step, "epoch": _epoch(state), "loss": p["loss"] / n, "grad_norm": p["grad_norm"] / n,
+              "learning_rate": p["learning_rate"], "tokens_per_second": p["tokens"] / max(p["seconds"], 1e-9),
+              **{name: value / n for name, value in p["metrics"].items()}, **p["logs"]}
+    state.pending = {}
+    return record
+
+
+def _epoch(state: TrainerState) -> float:
+    return round(state.step / state.steps_per_epoch, 4)
+
+
+class MetricsFile:
+    """``metrics.jsonl``: one JSON object per line, flushed as written. On resume, lines after the
+    checkpoint's step (written by the interrupted run after its last checkpoint) are dropped."""
+
+    def __init__(self, path: Path, *, keep_until: int, enabled: bool) -> None:
+        self.path, self.enabled = path, enabled
+        if not enabled:
+            return
+        kept = []
+        if path.is_file():
+            for line in path.read_text(encoding="utf-8").splitlines():
+                if line.strip() and json.loads(line).get("step", 0) <= keep_until:
+                    kept.append(line + "\n")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(kept), encoding="utf-8")
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self.enabled:
+            with self.path.open("a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+                f.flush()
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """All records of a metrics.jsonl file."""
+    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def _trackers(report_to: str) -> list[str]:
+    """Tracker names for accelerate's ``log_with``; ``auto`` = tensorboard when it is installed."""
+    import importlib.util
+
+    names = [t.strip() for t in report_to.split(",") if t.strip() and t.strip() != "none"]
+    if "auto" in names:
+        names.remove("auto")
+        if importlib.util.find_spec("tensorboard") is not None and "tensorboard" not in names:
+            names.append("tensorboard")
+    return names
+
+
+def _scalars(values: dict[str, Any]) -> dict[str, Any]:
+    """Hyperparameters as trackers accept them (scalars; None and mappings as text)."""
+    return {k: v if isinstance(v, (bool, int, float, str)) else json.dumps(v) for k, v in values.items()}
+
+
+def _main_print(accelerator: Any) -> Any:
+    from rich.console import Console
+
+    console = Console(stderr=True)
+
+    def log(message: str) -> None:
+        if accelerator.is_main_process:
+            console.print(f"[dim]preftune[/] {message}", highlight=False, soft_wrap=True)
+
+    return log
+
+
+def _describe(method: TrainingMethod, state: TrainerState, config: TrainConfig, log: Any) -> None:
+    params = list(method.model.parameters())
+    trainable = sum(p.numel() for p in params if p.requires_grad)
+    total = sum(p.numel() for p in params)
+    unused = state.num_items - state.steps_per_epoch * state.global_batch
+    log(f"{state.num_items} training items, {len(method.eval_items)} eval items; {state.global_batch} per step "
+        f"(batch_size {config.batch_size} x grad_accum {config.grad_accum} x {state.global_batch // (config.batch_size * config.grad_accum)} processes); "
+        f"{state.steps_per_epoch} steps per epoch, {state.total_steps} steps")
+    if unused:
+        log(f"each epoch leaves out {unused} items that do not fill a last step (different ones each epoch)")
+    log(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / max(total, 1):.2f}%)")
+
+
+def _format_eval(record: dict[str, Any]) -> str:
+    values = ", ".join(f"{k} {v:.4g}" for k, v in record.items() if k.startswith("eval/"))
+    return f"step {record['step']}: {values}"
+
+
+def _release(accelerator: Any) -> None:
+    """Let a later ``train`` in the same process pick its own settings (accelerate keeps a singleton)."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    if accelerator.num_processes == 1:
+        AcceleratorState._reset_state()
+        GradientState._reset_state()
+
+
+class _StopOnSigint:
+    """First Ctrl-C: finish the current step, save a checkpoint, stop. Second Ctrl-C: stop at once."""
+
+    def __init__(self, log: Any) -> None:
+        self.log, self.requested, self._previous = log, False, None
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        self.log("stopping after this step and saving a checkpoint (Ctrl-C again to stop at once)")
+
+    def __enter__(self) -> _StopOnSigint:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+class _Bar:
+    def __init__(self, progress: Any, task: Any) -> None:
+        self.progress, self.task = progress, task
+
+    def update(self, step: int, loss: float) -> None:
+        if self.progress is not None:
+            self.progress.update(self.task, completed=step, description=f"loss {loss:.4f}")
+
+
+@contextlib.contextmanager
+def _progress(accelerator: Any, state: TrainerState) -> Any:
+    """A rich progress bar on the main process of an interactive terminal; nothing otherwise."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    console = Console(stderr=True)
+    if not (accelerator.is_main_process and console.is_terminal):
+        yield _Bar(None, None)
+        return
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                  console=console, transient=False) as progress:
+        task = progress.add_task("training", total=state.total_steps, completed=state.step)
+        yield _Bar(progress, task)
