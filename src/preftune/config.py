@@ -129,8 +129,9 @@ class PairConfig(TrainConfig):
     """Keys shared by the methods trained on preference pairs (prompt, chosen, rejected)."""
 
     max_prompt_length: int | None = opt(None, "maximum prompt tokens; null = max_length // 2")
-    truncation: str = opt("keep_end", "which end of a too-long prompt to keep (responses keep their start)",
-                          choices=("keep_end", "keep_start"))
+    truncation: str = opt("keep_end", "too-long pairs: keep_end = cut the prompt's start, then the response's "
+                          "end (counted); error = stop; drop = leave the pair out (counted)",
+                          choices=("keep_end", "error", "drop"))
 
     def validate(self) -> None:
         super().validate()
@@ -146,6 +147,8 @@ class RewardConfig(PairConfig):
     learning_rate: float = opt(1e-5, "peak learning rate of AdamW")
     output_dir: str = opt("runs/reward", "run directory: config.yaml, metrics.jsonl, checkpoints/, final/")
     margin: bool = opt(False, "use the pair's `margin` field in -log sigmoid(r_w - r_l - m) (Llama 2)")
+    rankings: str = opt("keep", "K-way rankings: keep = one item, all K-choose-2 pairs in one forward "
+                        "(InstructGPT); pairs = split into separate pairs", choices=("keep", "pairs"))
     center_rewards_coefficient: float = opt(0.0, "weight of the (r_w + r_l)^2 penalty that centres rewards "
                                             "(Eisenstein et al. 2023); 0 = off")
 
@@ -167,7 +170,10 @@ class DPOConfig(PairConfig):
     gamma: float | None = opt(None, "SimPO target margin gamma; null = its default (0.5)")
     alpha: float | None = opt(None, "unlikelihood weight alpha; null = its default (1.0)")
     loss_kwargs: dict[str, Any] = opt({}, "any other keyword hyperparameters of the loss function")
-    precompute_ref_logps: bool = opt(False, "compute reference log-probs once before training, then free it")
+    precompute_ref_logps: bool = opt(True, "compute reference log-probs once before training (cached on "
+                                     "disk), then free the reference; false = a reference forward every step")
+    ref_cache_dir: str | None = opt(None, "directory of the reference log-prob cache; "
+                                    "null = ~/.cache/preftune/ref_logps")
 
     def validate(self) -> None:
         super().validate()
