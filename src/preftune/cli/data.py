@@ -1,9 +1,116 @@
-"""`preftune data` (being written; see the module's issue)."""
+"""`preftune data inspect`: what a preference or SFT dataset holds, and what is wrong with it."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import typer
+
+from preftune.cli._common import console, err_console, handle_errors, print_json
+
+data_app = typer.Typer(help="Look at preference and SFT data before training on it.", no_args_is_help=True)
+
+_SHOWN_PROBLEMS = 20
+
+
+@data_app.command("inspect")
+@handle_errors
+def inspect(
+    source: str = typer.Argument(..., help="A .jsonl/.json/.csv/.parquet file, a directory, or a dataset name."),
+    split: str = typer.Option("train", "--split", help="Split of a dataset, or of split-named files."),
+    format: str = typer.Option("auto", "--format", help="Force a format instead of detecting it."),
+    tokenizer: str | None = typer.Option(None, "--tokenizer", help="Also count tokens (local dir or hub id)."),
+    drop_invalid: bool = typer.Option(False, "--drop-invalid", help="Drop (and count) invalid rows."),
+    as_json: bool = typer.Option(False, "--json", help="Print machine-readable JSON (all problems)."),
+) -> None:
+    """Print the format, counts, lengths, length bias, duplicates and every problem found."""
+    from preftune.data import describe, load_any
+
+    examples, report = load_any(source, split=split, format=format, drop_invalid=drop_invalid)
+    tok = _load_tokenizer(tokenizer) if tokenizer else None
+    if tok is not None and not as_json:
+        from rich.progress import Progress
+
+        from preftune.data.validate import n_texts
+
+        with Progress(console=err_console, transient=True) as bar:
+            task = bar.add_task("counting tokens", total=n_texts(examples))
+            info = describe(examples, report, tokenizer=tok, progress=lambda n: bar.advance(task, n))
+    else:
+        info = describe(examples, report, tokenizer=tok)
+    if as_json:
+        print_json(info)
+    else:
+        _print(info)
+
+
+def _load_tokenizer(name: str) -> Any:
+    from transformers import AutoTokenizer
+
+    from preftune.errors import PreftuneError
+
+    try:
+        return AutoTokenizer.from_pretrained(name)
+    except Exception as exc:  # noqa: BLE001 - any failure is reported with what was tried
+        raise PreftuneError(f"cannot load a tokenizer: {type(exc).__name__}: {str(exc).splitlines()[0]}",
+                            path=name, field="--tokenizer",
+                            hint="give a local tokenizer directory (save_pretrained) or a hub id") from None
+
+
+def _fmt(x: float) -> str:
+    return f"{x:,.1f}" if isinstance(x, float) and not float(x).is_integer() else f"{int(x):,}"
+
+
+def _print(info: dict[str, Any]) -> None:
+    from rich.markup import escape
+    from rich.table import Table
+
+    c = info["counts"]
+    console.print(f"[bold]source[/]   {escape(info['source'])}")
+    if info["files"] != [info["source"]]:
+        console.print(f"[bold]files[/]    {escape(', '.join(info['files']))}")
+    console.print(f"[bold]format[/]   {info['format']} ({escape(info['format_from'])})")
+    kinds = ", ".join(f"{v:,} {k}" for k, v in c.items() if k[0].isupper())
+    console.print(f"[bold]rows[/]     {c['rows']:,} read, {c['loaded']:,} loaded ({kinds or 'none'}), "
+                  f"{c['dropped']:,} dropped")
+    if "pairs_from_rankings" in c:
+        r = c["responses_per_ranking"]
+        console.print(f"[bold]rankings[/] {_fmt(r['min'])}-{_fmt(r['max'])} responses each, "
+                      f"{c['pairs_from_rankings']:,} pairs when expanded")
+    if "label_true" in c:
+        console.print(f"[bold]labels[/]   {c['label_true']:,} true, {c['label_false']:,} false")
+
+    for unit in ("chars", "tokens"):
+        if unit not in info:
+            continue
+        table = Table(title=f"length ({unit})", title_justify="left", box=None, pad_edge=False)
+        table.add_column("column")
+        for stat in ("min", "mean", "median", "p95", "max"):
+            table.add_column(stat, justify="right")
+        for col, st in info[unit].items():
+            table.add_row(col, *(_fmt(st[s]) for s in ("min", "mean", "median", "p95", "max")))
+        console.print(table)
+    for unit, b in info.get("length_bias", {}).items():
+        console.print(f"[bold]length bias ({unit})[/] chosen - rejected = {b['mean_chosen_minus_rejected']:+.1f} "
+                      f"on average; chosen longer in {b['frac_chosen_longer']:.0%}, shorter in "
+                      f"{b['frac_chosen_shorter']:.0%}, equal in {b['frac_equal']:.0%}")
+    d = info["duplicates"]
+    console.print(f"[bold]duplicates[/] {d['duplicate_rows']:,} duplicate rows; {d['distinct_prompts']:,} distinct "
+                  f"prompts, {d['repeated_prompts']:,} repeated (at most {d['max_rows_per_prompt']:,} rows each)")
+    problems = info["problems"]
+    if not problems:
+        console.print("[bold green]no problems found[/]")
+        return
+    counts = ", ".join(f"{v:,} {k}" for k, v in info["problem_counts"].items())
+    console.print(f"[bold yellow]{len(problems):,} problems[/] ({counts})")
+    for p in problems[:_SHOWN_PROBLEMS]:
+        field = f" field '{p['field']}'" if p["field"] else ""
+        console.print(f"  {escape(p['where'])}{escape(field)}: {escape(p['message'])} [dim]({p['kind']})[/]",
+                      highlight=False)
+    if len(problems) > _SHOWN_PROBLEMS:
+        console.print(f"  ... and {len(problems) - _SHOWN_PROBLEMS:,} more (use --json to see them all)")
 
 
 def register(app: typer.Typer) -> None:
-    """Add this module's commands to the root app."""
+    """Add `preftune data` to the root app."""
+    app.add_typer(data_app, name="data")
