@@ -148,8 +148,9 @@ def stats(
         console.print(f"agreement: {report.note}")
         return
     kappa = "undefined (chance agreement is 1)" if report.kappa is None else f"{report.kappa:.4f}"
-    console.print(f"percent agreement {100 * report.agreement:.1f}%, "
-                  f"{'Cohen' if report.method == 'cohen' else 'Fleiss'}' kappa {kappa}: {report.note}",
+    name = "Cohen's" if report.method == "cohen" else "Fleiss'"
+    console.print(f"percent agreement {100 * report.agreement:.1f}%, {name} kappa {kappa} "
+                  f"({report.note})",
                   highlight=False)
     if report.method == "fleiss" and report.pairwise:
         table = Table(title="Cohen's kappa for every two annotators")
