@@ -9,6 +9,7 @@ import torch
 
 from preftune.logprobs import (
     IGNORE_INDEX,
+    auto_chunk_size,
     causal_lm_token_logps,
     lm_head_parts,
     sequence_logps,
@@ -182,6 +183,16 @@ def test_sequence_logps_sums_and_counts():
     labels = torch.tensor([[3, 4, -100], [-100, 1, -100]])
     sums, counts = sequence_logps(lp, labels)
     assert sums.tolist() == [-3.0, -0.5] and counts.tolist() == [2.0, 1.0]
+
+
+def test_auto_chunk_size():
+    """CPU: 2**20 // V rows (4 MiB of fp32 per chunk), at least 1; other devices 4096 rows."""
+    assert auto_chunk_size(8192, "cpu") == 128
+    assert auto_chunk_size(151936, "cpu") == 6
+    assert auto_chunk_size(2**21, "cpu") == 1
+    assert auto_chunk_size(8192, "cuda") == 4096
+    logits, labels = make(b=2, t=40, v=2**16)  # auto: 16 rows per chunk -> 5 chunks over 80 rows
+    torch.testing.assert_close(token_logps(logits, labels).double(), naive(logits, labels), rtol=1e-6, atol=1e-5)
 
 
 def test_bad_inputs_raise_clear_errors():
