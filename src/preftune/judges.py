@@ -1,0 +1,361 @@
+"""Judges decide which of two completions of a prompt is better: one interface, four kinds.
+
+``judge(prompts, pairs)`` returns, per pair ``(first, second)``: 0 if the first is preferred, 1 if the
+second is, None for a tie. ``judge_pairs`` returns the same choices together with per-pair details and
+the indices of pairs the judge could not decide at all (``missing``: a human judge with no label for
+that pair), so that nothing is silently counted as a tie.
+
+* ``RewardModelJudge``: a reward model scores both completions; a tie when |r_2 - r_1| <= margin.
+* ``FunctionJudge``: a Python function ``score(prompt, completion) -> float`` (rules, simulated
+  annotators, ground-truth rewards); same margin rule.
+* ``LLMJudge``: a local causal LM reads a prompt asking which response is better and we compare the
+  log-probabilities of the two answer labels. LLM judges favour a position (Zheng et al. 2023,
+  "Judging LLM-as-a-Judge", sec. 3.3), so every pair is judged in both orders and a disagreement
+  between the orders is a tie (their "conservative" swap rule).
+* ``HumanJudge``: the labels people gave in the annotation app (``preftune annotate``).
+
+``make_judge("reward:PATH" | "function:module:fn" | "function:file.py:fn" | "llm:PATH" | "human:DB")``
+builds one from a CLI spec.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import sys
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from preftune.errors import PreftuneError
+
+Pair = tuple[str, str]
+
+
+@dataclass
+class Judgements:
+    """What a judge said about a list of pairs (same order as the pairs)."""
+
+    choices: list[int | None]                                # 0 first preferred, 1 second, None tie
+    missing: list[int] = field(default_factory=list)         # indices of pairs with no judgement at all
+    details: list[dict[str, Any]] = field(default_factory=list)  # per pair: scores, votes, ...
+
+
+class Judge:
+    """Base class: subclasses implement ``judge`` or ``judge_pairs``."""
+
+    name = "judge"
+
+    def judge(self, prompts: Sequence[str], pairs: Sequence[Pair]) -> list[int | None]:
+        """0 = first preferred, 1 = second, None = tie; one per pair."""
+        result = self.judge_pairs(prompts, pairs)
+        if result.missing:
+            raise PreftuneError(f"{len(result.missing)} of {len(pairs)} pairs could not be judged by {self.name}",
+                                hint="call judge_pairs(), which reports them, or label the missing pairs")
+        return result.choices
+
+    def judge_pairs(self, prompts: Sequence[str], pairs: Sequence[Pair]) -> Judgements:
+        return Judgements(choices=self.judge(prompts, pairs))
+
+
+def _check_lengths(prompts: Sequence[str], pairs: Sequence[Pair]) -> None:
+    if len(prompts) != len(pairs):
+        raise PreftuneError(f"got {len(prompts)} prompts for {len(pairs)} pairs; give one prompt per pair")
+
+
+def decide(score_first: float, score_second: float, *, margin: float = 0.0) -> int | None:
+    """1 if score_second - score_first > margin, 0 if score_first - score_second > margin, else None."""
+    diff = score_second - score_first
+    if diff > margin:
+        return 1
+    if -diff > margin:
+        return 0
+    return None
+
+
+class ScoreJudge(Judge):
+    """A judge that scores each (prompt, completion) alone and prefers the higher score."""
+
+    margin: float = 0.0
+
+    def scores(self, prompts: Sequence[str], completions: Sequence[str]) -> list[float]:
+        raise NotImplementedError
+
+    def judge_pairs(self, prompts: Sequence[str], pairs: Sequence[Pair]) -> Judgements:
+        _check_lengths(prompts, pairs)
+        if not pairs:
+            return Judgements(choices=[])
+        both = self.scores(list(prompts) * 2, [a for a, _ in pairs] + [b for _, b in pairs])
+        first, second = both[: len(pairs)], both[len(pairs):]
+        return Judgements(choices=[decide(s1, s2, margin=self.margin) for s1, s2 in zip(first, second, strict=True)],
+                          details=[{"score_first": s1, "score_second": s2}
+                                   for s1, s2 in zip(first, second, strict=True)])
+
+
+# ----------------------------------------------------------------------------- function judge
+
+
+def load_function(spec: str) -> Callable[..., Any]:
+    """Resolve ``"package.module:function"`` or ``"path/to/file.py:function"`` to the function."""
+    module_part, sep, attr = spec.rpartition(":")
+    if not sep or not module_part or not attr:
+        raise PreftuneError(f"cannot read the function spec {spec!r}", field="judge",
+                            hint="write module:function or path/to/file.py:function")
+    if module_part.endswith(".py") or Path(module_part).is_file():
+        path = Path(module_part)
+        if not path.is_file():
+            raise PreftuneError("file not found", path=str(path), field="judge",
+                                hint="give the path of a Python file that defines the scoring function")
+        mod_name = f"_preftune_judge_{abs(hash(str(path.resolve())))}"
+        loader_spec = importlib.util.spec_from_file_location(mod_name, path)
+        if loader_spec is None or loader_spec.loader is None:
+            raise PreftuneError("cannot load this file as Python", path=str(path), field="judge")
+        module = importlib.util.module_from_spec(loader_spec)
+        sys.modules[mod_name] = module
+        loader_spec.loader.exec_module(module)
+    else:
+        try:
+            module = importlib.import_module(module_part)
+        except ImportError as exc:
+            raise PreftuneError(f"cannot import module {module_part!r} ({exc})", field="judge",
+                                hint="check the module name, or give path/to/file.py:function") from None
+    fn = getattr(module, attr, None)
+    if fn is None or not callable(fn):
+        raise PreftuneError(f"{module_part!r} has no function {attr!r}", field="judge",
+                            hint="define score(prompt, completion) -> float there")
+    return fn
+
+
+class FunctionJudge(ScoreJudge):
+    """Prefers the completion with the higher ``fn(prompt, completion)``; a tie within ``margin``."""
+
+    def __init__(self, fn: str | Callable[[str, str], float], *, margin: float = 0.0) -> None:
+        self.fn = load_function(fn) if isinstance(fn, str) else fn
+        self.margin = float(margin)
+        self.name = fn if isinstance(fn, str) else getattr(fn, "__name__", "function")
+
+    def scores(self, prompts: Sequence[str], completions: Sequence[str]) -> list[float]:
+        out = []
+        for p, c in zip(prompts, completions, strict=True):
+            value = self.fn(p, c)
+            try:
+                out.append(float(value))
+            except (TypeError, ValueError):
+                raise PreftuneError(f"the scoring function {self.name} returned {value!r}, not a number",
+                                    field="judge") from None
+        return out
+
+
+# ----------------------------------------------------------------------------- reward-model judge
+
+
+def _device(device: str | None) -> str:
+    import torch
+
+    return device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+class RewardModelJudge(ScoreJudge):
+    """Scores both completions with a reward model r(prompt, completion); prefers the higher score and
+    calls a tie when |r_2 - r_1| <= margin. ``model_path`` is a directory or hub id, or pass a loaded
+    ``model`` and ``tokenizer``."""
+
+    def __init__(self, model_path: str | None = None, *, margin: float = 0.0, batch_size: int = 16,
+                 model: Any = None, tokenizer: Any = None, device: str | None = None) -> None:
+        if model is None:
+            if model_path is None:
+                raise PreftuneError("give a reward model path (or a loaded model and tokenizer)", field="judge")
+            from preftune.models import load_reward_model, load_tokenizer
+
+            tokenizer = load_tokenizer(model_path)
+            model = load_reward_model(model_path)
+            model.to(_device(device))
+        if tokenizer is None:
+            raise PreftuneError("a reward model needs its tokenizer", field="judge")
+        self.model, self.tokenizer = model, tokenizer
+        self.margin, self.batch_size = float(margin), batch_size
+        self.name = f"reward:{model_path}" if model_path else "reward"
+
+    def scores(self, prompts: Sequence[str], completions: Sequence[str]) -> list[float]:
+        from preftune.models import score_texts
+
+        values = score_texts(self.model, self.tokenizer, list(prompts), list(completions),
+                             batch_size=self.batch_size)
+        return [float(v) for v in values]
+
+
+# ----------------------------------------------------------------------------- LLM judge
+
+LLM_TEMPLATE = (
+    "Which of the two responses below continues or answers the prompt better?\n\n"
+    "Prompt: {prompt}\n\nResponse 1: {response_1}\n\nResponse 2: {response_2}\n\n"
+    "The better response is Response"
+)
+
+
+class LLMJudge(Judge):
+    """A local causal LM as judge. For each order (a, b) and (b, a) it fills ``template`` ({prompt},
+    {response_1}, {response_2}) and compares log p(labels[0] | text) with log p(labels[1] | text), each
+    the sum of the label's token log-probs. A pair's verdict stands only when both orders agree;
+    otherwise (or when an order is an exact tie) it is a tie.
+
+    ``scorer`` (texts -> [(logp_label_1, logp_label_2)]) replaces the model, for tests or other backends.
+    """
+
+    def __init__(self, model_path: str | None = None, *, template: str = LLM_TEMPLATE,
+                 labels: tuple[str, str] = (" 1", " 2"), batch_size: int = 8, model: Any = None,
+                 tokenizer: Any = None, device: str | None = None,
+                 scorer: Callable[[list[str]], Sequence[tuple[float, float]]] | None = None) -> None:
+        for key in ("{prompt}", "{response_1}", "{response_2}"):
+            if key not in template:
+                raise PreftuneError(f"the judge template lacks {key}", field="template",
+                                    hint="the template needs {prompt}, {response_1} and {response_2}")
+        self.template, self.labels, self.batch_size = template, labels, batch_size
+        self.scorer = scorer
+        if scorer is None and model is None:
+            if model_path is None:
+                raise PreftuneError("give an LLM judge model path (or a loaded model and tokenizer)", field="judge")
+            from transformers import AutoModelForCausalLM, AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(model_path)
+            model = AutoModelForCausalLM.from_pretrained(model_path).to(_device(device))
+        self.model, self.tokenizer = model, tokenizer
+        self.name = f"llm:{model_path}" if model_path else "llm"
+
+    def fill(self, prompt: str, first: str, second: str) -> str:
+        return (self.template.replace("{prompt}", prompt).replace("{response_1}", first)
+                .replace("{response_2}", second))
+
+    def label_logprobs(self, texts: list[str]) -> list[tuple[float, float]]:
+        """log p(label | text) for both labels, per text."""
+        if self.scorer is not None:
+            return [(float(x), float(y)) for x, y in self.scorer(texts)]
+        return _continuation_logprobs(self.model, self.tokenizer, texts, self.labels, batch_size=self.batch_size)
+
+    def judge_pairs(self, prompts: Sequence[str], pairs: Sequence[Pair]) -> Judgements:
+        _check_lengths(prompts, pairs)
+        forward = [self.fill(p, a, b) for p, (a, b) in zip(prompts, pairs, strict=True)]
+        backward = [self.fill(p, b, a) for p, (a, b) in zip(prompts, pairs, strict=True)]
+        lp = self.label_logprobs(forward + backward)
+        choices, details = [], []
+        for k in range(len(pairs)):
+            (f1, f2), (b1, b2) = lp[k], lp[len(pairs) + k]
+            in_order = decide(f1, f2)               # 0: a (shown first) preferred
+            swapped = decide(b1, b2)                # 0: b (shown first) preferred
+            swapped = None if swapped is None else 1 - swapped
+            choices.append(in_order if in_order == swapped else None)
+            details.append({"order_ab": in_order, "order_ba": swapped, "logp_ab": [f1, f2], "logp_ba": [b1, b2]})
+        return Judgements(choices=choices, details=details)
+
+
+def _continuation_logprobs(model: Any, tokenizer: Any, texts: Sequence[str], labels: Sequence[str], *,
+                           batch_size: int) -> list[tuple[float, float]]:
+    """Sum of log p(label tokens | text) for each text and label, batched with right padding."""
+    import torch
+
+    label_ids = [tokenizer(lab, add_special_tokens=False)["input_ids"] for lab in labels]
+    if any(not ids for ids in label_ids):
+        raise PreftuneError(f"a judge label tokenizes to nothing: {labels}", field="labels")
+    seqs, spans = [], []
+    for text in texts:
+        ids = tokenizer(text)["input_ids"]
+        for lab in label_ids:
+            seqs.append(ids + lab)
+            spans.append((len(ids), len(ids) + len(lab)))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    out: list[float] = []
+    model.eval()
+    with torch.no_grad():
+        for start in range(0, len(seqs), batch_size * 2):
+            chunk = seqs[start:start + batch_size * 2]
+            width = max(len(s) for s in chunk)
+            ids = torch.tensor([s + [pad] * (width - len(s)) for s in chunk], device=model.device)
+            mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in chunk], device=model.device)
+            logp = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits.float(), dim=-1)
+            for row, (lo, hi) in enumerate(spans[start:start + len(chunk)]):
+                targets = ids[row, lo:hi]
+                out.append(float(logp[row, lo - 1:hi - 1].gather(-1, targets[:, None]).sum()))
+    return [(out[2 * i], out[2 * i + 1]) for i in range(len(texts))]
+
+
+# ----------------------------------------------------------------------------- human judge
+
+
+def majority_verdicts(labels: Iterable[Any], prompts: Sequence[str], pairs: Sequence[Pair]) -> Judgements:
+    """Verdicts from annotators' labels, matched by text (prompt, response_a, response_b) in either order.
+
+    Labels are objects or dicts with ``prompt, response_a, response_b, annotator, choice`` (choice a, b,
+    tie or skip). Skips are not votes; an annotator's later label of the same pair replaces the earlier.
+    A completion wins when it has a strict majority (> half) of the votes; otherwise it is a tie; a pair
+    with no vote is ``missing``.
+    """
+    votes: dict[tuple[str, str, str], dict[str, str]] = {}  # (prompt, x, y) -> annotator -> x | y | tie
+    for lab in labels:
+        get = lab.get if isinstance(lab, dict) else lambda k, _lab=lab: getattr(_lab, k)
+        choice = get("choice")
+        if choice == "skip":
+            continue
+        a, b = get("response_a"), get("response_b")
+        winner = {"a": a, "b": b, "tie": "tie"}.get(choice)
+        if winner is None:
+            raise PreftuneError(f"unknown label choice {choice!r}", field="choice", hint="expected a, b, tie or skip")
+        key = (get("prompt"), *sorted((a, b)))
+        votes.setdefault(key, {})[str(get("annotator"))] = winner
+    choices: list[int | None] = []
+    missing: list[int] = []
+    details: list[dict[str, Any]] = []
+    for k, (prompt, (x, y)) in enumerate(zip(prompts, pairs, strict=True)):
+        ballot = list(votes.get((prompt, *sorted((x, y))), {}).values())
+        n_x, n_y = ballot.count(x), ballot.count(y)
+        if x == y:  # identical texts: every vote names both; call it a tie
+            n_x = n_y = 0
+        details.append({"votes_first": n_x, "votes_second": n_y, "votes_tie": len(ballot) - n_x - n_y})
+        if not ballot:
+            missing.append(k)
+            choices.append(None)
+        elif 2 * n_x > len(ballot):
+            choices.append(0)
+        elif 2 * n_y > len(ballot):
+            choices.append(1)
+        else:
+            choices.append(None)
+    return Judgements(choices=choices, missing=missing, details=details)
+
+
+class HumanJudge(Judge):
+    """Majority of the annotators' labels in an annotation database (see ``majority_verdicts``)."""
+
+    def __init__(self, db_path: str | Path) -> None:
+        self.db_path = Path(db_path)
+        if not self.db_path.is_file():
+            raise PreftuneError("annotation database not found", path=str(self.db_path), field="judge",
+                                hint="give the .db file that `preftune annotate` writes")
+        self.name = f"human:{db_path}"
+
+    def judge_pairs(self, prompts: Sequence[str], pairs: Sequence[Pair]) -> Judgements:
+        from preftune.annotate.store import AnnotationStore
+
+        _check_lengths(prompts, pairs)
+        return majority_verdicts(AnnotationStore(self.db_path).labels(), prompts, pairs)
+
+
+# ----------------------------------------------------------------------------- from a CLI spec
+
+JUDGE_KINDS = {"reward": RewardModelJudge, "function": FunctionJudge, "llm": LLMJudge, "human": HumanJudge}
+
+
+def make_judge(spec: str, **opts: Any) -> Judge:
+    """Build a judge from ``reward:PATH``, ``function:module:fn`` (or ``function:file.py:fn``),
+    ``llm:PATH`` or ``human:DB``; ``opts`` go to the judge's constructor (e.g. ``margin``)."""
+    kind, sep, target = spec.partition(":")
+    if kind not in JUDGE_KINDS or not sep or not target:
+        raise PreftuneError(f"cannot read the judge spec {spec!r}", field="judge",
+                            hint="use reward:PATH, function:module:fn, function:file.py:fn, llm:PATH or human:DB")
+    cls = JUDGE_KINDS[kind]
+    try:
+        judge = cls(target, **opts)
+    except TypeError as exc:
+        raise PreftuneError(f"option not understood by the {kind} judge ({exc})", field="judge") from None
+    judge.name = spec
+    return judge
