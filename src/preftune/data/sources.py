@@ -90,11 +90,16 @@ def read_file(path: Path, *, split: str = "train") -> Iterator[Record]:
         raise PreftuneError(f"unsupported file type '{suffix or path.name}'", path=name,
                             hint=f"use one of {', '.join(DATA_SUFFIXES)}")
     try:
-        text = path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise PreftuneError(f"not UTF-8 text (byte {exc.start})", path=name, hint="save the file as UTF-8") from None
+        raw = path.read_bytes()
     except OSError as exc:
         raise PreftuneError(f"cannot read the file: {exc.strerror or exc}", path=name) from None
+    try:
+        text = raw.decode("utf-8-sig").replace("\r\n", "\n")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        col = exc.start - (raw.rfind(b"\n", 0, exc.start) + 1) + 1
+        raise PreftuneError(f"not UTF-8 text: byte 0x{raw[exc.start]:02x} at column {col}", path=name, line=line,
+                            hint="save the file as UTF-8") from None
     if suffix == ".csv":
         yield from _read_csv(name, text)
     elif suffix == ".json":
