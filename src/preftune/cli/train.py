@@ -1,9 +1,108 @@
-"""`preftune train` (being written; see the module's issue)."""
+"""`preftune train sft|reward|dpo CONFIG.yaml [--key value ...]` and `preftune train keys`.
+
+Every key of a command's config dataclass (``preftune.config``) can be set in the YAML file or
+overridden on the command line (``--beta 0.2``, ``--lora.r 8``, ``--lora null``); the help of each
+command lists every key with its type, default and help string, generated from the dataclass.
+"""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import typer
+
+from preftune.cli._common import console, handle_errors
+from preftune.config import CONFIGS, KeyInfo, format_value, keys
+
+SUMMARIES = {
+    "sft": "Supervised fine-tuning on demonstrations ({prompt, completion}, {messages} or {text} rows).",
+    "reward": "Train a scalar reward model r(x, y) on preference pairs (Bradley-Terry loss).",
+    "dpo": "Train a policy directly on preference pairs: DPO and its family (ipo, cdpo, orpo, simpo, ...).",
+}
+
+train_app = typer.Typer(
+    help="Train a model. One loop for every method; each method says how a batch becomes a loss.",
+    no_args_is_help=True,
+    rich_markup_mode="rich",
+)
+
+
+def _key_lines(infos: list[KeyInfo]) -> str:
+    """One line per key for the command's help: --key TYPE (default): help."""
+    rows = []
+    for info in infos:
+        choices = f" {{{'|'.join(info.choices)}}}" if info.choices else ""
+        rows.append(_escape(f"--{info.name} {info.type}{choices} (default {format_value(info.default)}): {info.help}"))
+    return "\n".join(rows)
+
+
+def _escape(text: str) -> str:
+    return text.replace("[", r"\[")
+
+
+def _command(name: str):
+    def command(
+        ctx: typer.Context,
+        config: Path = typer.Argument(..., help="YAML config file (every key below; see docs/training.md)."),
+    ) -> None:
+        from preftune.config import load_config
+        from preftune.train.loop import run
+
+        resolved = load_config(CONFIGS[name], config, list(ctx.args))
+        final = run(name, resolved)
+        console.print(f"[green]done:[/] {final}")
+
+    command.__doc__ = SUMMARIES.get(name, f"Train with the {name} method.")
+    return handle_errors(command)
+
+
+def keys_command(
+    method: str = typer.Argument(None, help="sft, reward or dpo; all when omitted."),
+    markdown: bool = typer.Option(False, "--markdown", help="Print Markdown tables (as in docs/training.md)."),
+) -> None:
+    """List every config key of a training method: type, default and help."""
+    from rich.table import Table
+
+    from preftune.errors import PreftuneError
+
+    if method is not None and method not in CONFIGS:
+        import difflib
+
+        close = difflib.get_close_matches(method, list(CONFIGS), n=1)
+        hint = (f"did you mean {close[0]!r}? " if close else "") + f"methods: {', '.join(CONFIGS)}"
+        handle_errors(_raise)(PreftuneError(f"unknown training method {method!r}", hint=hint))
+    for name in [method] if method else list(CONFIGS):
+        infos = keys(CONFIGS[name])
+        if markdown:
+            typer.echo(f"\n### `preftune train {name}`\n")
+            typer.echo("| key | type | default | help |\n|---|---|---|---|")
+            for i in infos:
+                choices = f" ({', '.join(i.choices)})" if i.choices else ""
+                typer.echo(f"| `{i.name}` | {i.type} | `{format_value(i.default)}` | {i.help}{choices} |")
+            continue
+        table = Table(title=f"preftune train {name}", title_justify="left")
+        for column in ("key", "type", "default", "help"):
+            table.add_column(column, overflow="fold")
+        for i in infos:
+            choices = f" ({', '.join(i.choices)})" if i.choices else ""
+            table.add_row(i.name, i.type, format_value(i.default), i.help + choices)
+        console.print(table)
+
+
+def _raise(exc: Exception) -> None:
+    raise exc
+
+
+for _name in CONFIGS:
+    train_app.command(
+        name=_name,
+        epilog="[bold]Keys[/] (in CONFIG or as --key value; --lora.r 8 sets one LoRA field):\n\n"
+               + _key_lines(keys(CONFIGS[_name])),
+        context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+    )(_command(_name))
+train_app.command(name="keys")(keys_command)
 
 
 def register(app: typer.Typer) -> None:
-    """Add this module's commands to the root app."""
+    """Add `preftune train` to the root app."""
+    app.add_typer(train_app, name="train")

@@ -1,0 +1,268 @@
+"""The training loop: accumulation invariance, exact resume, metrics.jsonl, checkpoints, LoRA.
+
+Every test trains the 2-layer, 64-dim tiny Llama of `preftune.testing` for a few steps on CPU.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+
+from preftune.config import SFTConfig, from_mapping, load_config
+from preftune.train.loop import (
+    batch_indices,
+    epoch_order,
+    plan_steps,
+    read_metrics,
+    split_for_process,
+    train,
+)
+from preftune.train.sft import SFTMethod
+
+# Completions of different lengths, so a mean of per-micro-batch means would differ from the token mean.
+EXAMPLES = [
+    {"prompt": "Question: what is two plus two? Answer:", "completion": " four."},
+    {"prompt": "Please write a short poem about the sea.", "completion": " The sea is blue and the sky is wide."},
+    {"prompt": "What colour is the sky?", "completion": " Blue."},
+    {"prompt": "Shall I compare thee to a summer's day?", "completion": " Thou art more lovely and more temperate."},
+    {"prompt": "To be, or not to be:", "completion": " that is the question."},
+    {"prompt": "The quick brown fox", "completion": " jumps over the lazy dog."},
+    {"prompt": "Rough winds do shake", "completion": " the darling buds of May."},
+    {"prompt": "Answer yes or no:", "completion": " yes"},
+]
+
+
+def _config(model: Path, out: Path, **values) -> SFTConfig:
+    base = {"model": str(model), "data": "in-memory", "output_dir": str(out), "report_to": "none",
+            "learning_rate": 1e-3, "lr_scheduler": "constant", "max_grad_norm": 0.0, "log_every": 1}
+    return from_mapping(SFTConfig, {**base, **values})
+
+
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(path / "model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def float64_model_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny model stored in float64, so summation-order differences are ~1e-16, not ~1e-7."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path_factory.mktemp("tiny64")
+    AutoModelForCausalLM.from_pretrained(tiny_model_dir).to(torch.float64).save_pretrained(out)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def dropout_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny model with attention dropout 0.1, so every step consumes the torch RNG."""
+    from preftune.testing import make_tiny
+
+    return make_tiny(tmp_path_factory.mktemp("tiny-dropout"), seed=0, attention_dropout=0.1)
+
+
+def test_data_plan_is_a_function_of_the_step() -> None:
+    """10 items, global batch 4 -> 2 steps per epoch (2 items left out each epoch); step 3 is the second
+    batch of epoch 1, i.e. positions 4..7 of the permutation seeded by seed + 1."""
+    config = from_mapping(SFTConfig, {"model": "m", "data": "d", "batch_size": 2, "grad_accum": 2, "epochs": 1.5})
+    state = plan_steps(10, config, num_processes=1)
+    assert (state.global_batch, state.steps_per_epoch, state.total_steps) == (4, 2, 3)
+    assert batch_indices(state, 3, seed=7) == epoch_order(10, seed=7, epoch=1)[4:8]
+    assert sorted(epoch_order(10, seed=7, epoch=0)) == list(range(10))
+    assert epoch_order(10, seed=7, epoch=0) != epoch_order(10, seed=7, epoch=1)
+
+
+def test_split_for_process_interleaves_micro_batches() -> None:
+    """8 items, 2 micro-batches x 2 processes: chunk c = k*W + p, so process 1 gets chunks 1 and 3."""
+    items = list("abcdefgh")
+    assert split_for_process(items, micro_batches=2, process=0, num_processes=2) == [["a", "b"], ["e", "f"]]
+    assert split_for_process(items, micro_batches=2, process=1, num_processes=2) == [["c", "d"], ["g", "h"]]
+
+
+def test_batch8_accum1_equals_batch1_accum8(float64_model_dir: Path, tmp_path: Path) -> None:
+    """One optimizer step on the same 8 examples, as 1 micro-batch of 8 or 8 micro-batches of 1.
+
+    Both must produce the gradient of the global token mean L = sum_i S_i / sum_i n_i (S_i the summed
+    completion NLL of example i, n_i its completion tokens). Checked three ways, in float64:
+    * the logged loss and grad_norm of both runs equal the values computed here directly, one example
+      at a time with no padding: L and ||grad L|| (a mean of per-micro-batch means, the usual bug, gives
+      a different L and a gradient ~8x too large with 8 micro-batches);
+    * the parameters after the AdamW step are equal (tolerance 1e-10: float64 rounding of
+      differently-ordered sums is ~1e-16 relative; Adam's first step is lr * g / (|g| + eps)).
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from preftune.data.tokenize import tokenize_sft
+
+    runs = {}
+    for name, (batch, accum) in {"b8a1": (8, 1), "b1a8": (1, 8)}.items():
+        config = _config(float64_model_dir, tmp_path / name, batch_size=batch, grad_accum=accum, max_steps=1)
+        train(SFTMethod(examples=EXAMPLES), config)
+        runs[name] = (read_metrics(tmp_path / name / "metrics.jsonl")[0], _weights(tmp_path / name / "final"))
+
+    model = AutoModelForCausalLM.from_pretrained(float64_model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(float64_model_dir)
+    total_nll, total_tokens = torch.zeros((), dtype=torch.float64), 0
+    for example in EXAMPLES:
+        seq = tokenize_sft(tokenizer, example, max_length=1024)
+        ids, labels = torch.tensor([seq.input_ids]), torch.tensor(seq.labels[1:])
+        logits = model(input_ids=ids).logits[0, :-1]
+        keep = labels != -100
+        total_nll = total_nll + torch.nn.functional.cross_entropy(logits[keep], labels[keep], reduction="sum")
+        total_tokens += int(keep.sum())
+    expected_loss = total_nll / total_tokens
+    expected_loss.backward()
+    expected_norm = torch.sqrt(sum((p.grad ** 2).sum() for p in model.parameters())).item()
+
+    for name, (record, _) in runs.items():
+        assert record["loss"] == pytest.approx(expected_loss.item(), rel=1e-12, abs=0), name
+        assert record["grad_norm"] == pytest.approx(expected_norm, rel=1e-10, abs=0), name
+    (_, w8), (_, w1) = runs["b8a1"], runs["b1a8"]
+    assert w8.keys() == w1.keys()
+    for key in w8:
+        torch.testing.assert_close(w8[key], w1[key], rtol=0, atol=1e-10, msg=key)
+    start = _weights(float64_model_dir)
+    assert any(not torch.equal(w8[k], start[k]) for k in w8)  # the step did move the weights
+
+
+class _InterruptAt(SFTMethod):
+    """SFT that sends this process a real SIGINT (Ctrl-C) while preparing step ``at`` (0-based)."""
+
+    def __init__(self, at: int, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.at = at
+
+    def before_step(self, model, step):
+        if step == self.at:
+            os.kill(os.getpid(), signal.SIGINT)
+        return None
+
+
+@pytest.mark.slow
+def test_resume_continues_the_identical_loss_curve(dropout_model_dir: Path, tmp_path: Path) -> None:
+    """6 steps straight == Ctrl-C during step 3, checkpoint, then resume steps 4..6.
+
+    Ctrl-C while step 3 runs lets step 3 finish, saves checkpoints/step-3 (model, AdamW moments, the
+    cosine schedule, RNG states) and raises KeyboardInterrupt; the same command again resumes. The model
+    has dropout, so the RNG state matters. Everything is deterministic on CPU, so the loss curves and the
+    final weights are compared for EXACT equality. Two epochs (4 steps per epoch) so the data order of the
+    second epoch is also covered.
+    """
+    values = {"batch_size": 2, "max_steps": 6, "lr_scheduler": "cosine", "warmup_steps": 2,
+              "max_grad_norm": 1.0, "save_every": 100}
+    straight = tmp_path / "straight"
+    train(SFTMethod(examples=EXAMPLES), _config(dropout_model_dir, straight, **values))
+
+    resumed = tmp_path / "resumed"
+    with pytest.raises(KeyboardInterrupt):
+        train(_InterruptAt(2, examples=EXAMPLES), _config(dropout_model_dir, resumed, **values))
+    assert sorted(p.name for p in (resumed / "checkpoints").iterdir()) == ["step-3"]
+    assert [r["step"] for r in read_metrics(resumed / "metrics.jsonl")] == [1, 2, 3]
+    assert not (resumed / "final").exists()
+    train(SFTMethod(examples=EXAMPLES), _config(dropout_model_dir, resumed, **values))
+
+    curve = [(r["step"], r["loss"], r["grad_norm"], r["learning_rate"]) for r in read_metrics(straight / "metrics.jsonl")]
+    assert [c[0] for c in curve] == [1, 2, 3, 4, 5, 6]
+    assert [(r["step"], r["loss"], r["grad_norm"], r["learning_rate"])
+            for r in read_metrics(resumed / "metrics.jsonl")] == curve
+    a, b = _weights(straight / "final"), _weights(resumed / "final")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_metrics_jsonl_schedule_eval_and_checkpoints(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """4 steps, linear schedule with 2 warmup steps, peak lr 1e-3, log every step, eval every 2, save every step.
+
+    transformers' linear schedule multiplies the peak by s/2 during warmup (s = steps taken: 0, 1) and by
+    (4 - s)/(4 - 2) after it (s = 2, 3); the logged rate is the one each step used:
+    [0, 0.5e-3, 1e-3, 0.5e-3]. keep_checkpoints 2 leaves step-3 and step-4.
+    """
+    out = tmp_path / "run"
+    config = _config(tiny_model_dir, out, batch_size=2, max_steps=4, lr_scheduler="linear", warmup_steps=2,
+                     eval_every=2, save_every=1, keep_checkpoints=2)
+    final = train(SFTMethod(examples=EXAMPLES[:6], eval_examples=EXAMPLES[6:]), config)
+
+    records = read_metrics(out / "metrics.jsonl")
+    train_lines = [r for r in records if "loss" in r]
+    eval_lines = [r for r in records if "eval/loss" in r]
+    assert [r["step"] for r in train_lines] == [1, 2, 3, 4]
+    assert [r["learning_rate"] for r in train_lines] == pytest.approx([0.0, 0.5e-3, 1e-3, 0.5e-3], abs=1e-15)
+    assert [r["epoch"] for r in train_lines] == [0.3333, 0.6667, 1.0, 1.3333]  # 3 steps per epoch, 4 decimals
+    for r in train_lines:
+        assert set(r) >= {"step", "epoch", "loss", "grad_norm", "learning_rate", "tokens_per_second",
+                          "mean_token_accuracy"}
+        assert math.isfinite(r["loss"]) and r["grad_norm"] > 0 and r["tokens_per_second"] > 0
+        assert 0.0 <= r["mean_token_accuracy"] <= 1.0
+    assert [r["step"] for r in eval_lines] == [2, 4]
+    assert all(set(r) == {"step", "epoch", "eval/loss", "eval/mean_token_accuracy"} for r in eval_lines)
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-3", "step-4"]
+    assert load_config(SFTConfig, out / "config.yaml").max_steps == 4  # the resolved config reloads
+    assert final == out / "final" and (final / "tokenizer.json").is_file()
+
+
+def test_log_every_averages_the_steps_between_lines(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """log_every 2 writes steps 2 and 3 (the last step always): each line is the mean of its steps."""
+    every = tmp_path / "every"
+    train(SFTMethod(examples=EXAMPLES), _config(tiny_model_dir, every, batch_size=2, max_steps=3))
+    pairs = tmp_path / "pairs"
+    train(SFTMethod(examples=EXAMPLES), _config(tiny_model_dir, pairs, batch_size=2, max_steps=3, log_every=2))
+    per_step = [r["loss"] for r in read_metrics(every / "metrics.jsonl")]
+    lines = read_metrics(pairs / "metrics.jsonl")
+    assert [r["step"] for r in lines] == [2, 3]
+    assert lines[0]["loss"] == pytest.approx((per_step[0] + per_step[1]) / 2, rel=1e-12)
+    assert lines[1]["loss"] == pytest.approx(per_step[2], rel=1e-12)
+
+
+def test_lora_trains_only_the_adapter(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """With lora, final/ holds an adapter whose B matrices moved from their zero init; loading base +
+    adapter shows every base weight unchanged; final-merged differs from the base only in the adapted
+    projections (q_proj, v_proj)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "lora"
+    config = _config(tiny_model_dir, out, batch_size=4, max_steps=2, learning_rate=1e-2, merge_lora=True,
+                     lora={"r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "target_modules": ["q_proj", "v_proj"]})
+    final = train(SFTMethod(examples=EXAMPLES), config)
+    assert (final / "adapter_config.json").is_file() and not (final / "model.safetensors").exists()
+
+    base = _weights(tiny_model_dir)
+    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), final)
+    state = peft_model.state_dict()
+    lora_b = [k for k in state if "lora_B" in k]
+    assert lora_b and all(state[k].abs().sum() > 0 for k in lora_b)
+    for key, value in peft_model.get_base_model().state_dict().items():
+        if "lora_" in key:
+            continue
+        assert torch.equal(value, base[key.replace("base_layer.", "")]), key
+
+    merged = _weights(out / "final-merged")
+    assert merged.keys() == base.keys()
+    changed = {k for k in base if not torch.equal(merged[k], base[k])}
+    assert changed and all(k.endswith(("q_proj.weight", "v_proj.weight")) for k in changed)
+
+
+def test_resume_with_other_batch_settings_is_refused(tiny_model_dir: Path, tmp_path: Path) -> None:
+    from preftune.errors import PreftuneError
+
+    out = tmp_path / "run"
+    train(SFTMethod(examples=EXAMPLES), _config(tiny_model_dir, out, batch_size=2, max_steps=2, save_every=1))
+    with pytest.raises(PreftuneError, match="global_batch = 2"):
+        train(SFTMethod(examples=EXAMPLES), _config(tiny_model_dir, out, batch_size=4, max_steps=2))
+    shutil.rmtree(out / "checkpoints")
+    train(SFTMethod(examples=EXAMPLES), _config(tiny_model_dir, out, batch_size=4, max_steps=1))
+    assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == [1]  # a fresh run starts a fresh file
+
+
+def test_too_few_examples_for_one_step(tiny_model_dir: Path, tmp_path: Path) -> None:
+    from preftune.errors import PreftuneError
+
+    with pytest.raises(PreftuneError, match="only 8 training examples, but one optimizer step needs 12"):
+        train(SFTMethod(examples=EXAMPLES), _config(tiny_model_dir, tmp_path, batch_size=4, grad_accum=3))
