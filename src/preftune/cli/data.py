@@ -61,6 +61,10 @@ def _fmt(x: float) -> str:
     return f"{x:,.1f}" if isinstance(x, float) and not float(x).is_integer() else f"{int(x):,}"
 
 
+def _n(k: int, noun: str) -> str:
+    return f"{k:,} {noun}" + ("" if k == 1 else "s")
+
+
 def _print(info: dict[str, Any]) -> None:
     from rich.markup import escape
     from rich.table import Table
@@ -91,18 +95,19 @@ def _print(info: dict[str, Any]) -> None:
             table.add_row(col, *(_fmt(st[s]) for s in ("min", "mean", "median", "p95", "max")))
         console.print(table)
     for unit, b in info.get("length_bias", {}).items():
-        console.print(f"[bold]length bias ({unit})[/] chosen - rejected = {b['mean_chosen_minus_rejected']:+.1f} "
-                      f"on average; chosen longer in {b['frac_chosen_longer']:.0%}, shorter in "
-                      f"{b['frac_chosen_shorter']:.0%}, equal in {b['frac_equal']:.0%}")
+        console.print(f"[bold]length bias ({unit})[/] mean chosen - rejected {b['mean_chosen_minus_rejected']:+.2f}; "
+                      f"chosen longer {b['frac_chosen_longer']:.0%}, shorter {b['frac_chosen_shorter']:.0%}, "
+                      f"equal {b['frac_equal']:.0%}")
     d = info["duplicates"]
-    console.print(f"[bold]duplicates[/] {d['duplicate_rows']:,} duplicate rows; {d['distinct_prompts']:,} distinct "
-                  f"prompts, {d['repeated_prompts']:,} repeated (at most {d['max_rows_per_prompt']:,} rows each)")
+    console.print(f"[bold]duplicates[/] {_n(d['duplicate_rows'], 'duplicate row')}; "
+                  f"{_n(d['distinct_prompts'], 'distinct prompt')}, {d['repeated_prompts']:,} repeated "
+                  f"(max {d['max_rows_per_prompt']:,} rows per prompt)")
     problems = info["problems"]
     if not problems:
         console.print("[bold green]no problems found[/]")
         return
     counts = ", ".join(f"{v:,} {k}" for k, v in info["problem_counts"].items())
-    console.print(f"[bold yellow]{len(problems):,} problems[/] ({counts})")
+    console.print(f"[bold yellow]{_n(len(problems), 'problem')}[/] ({counts})")
     for p in problems[:_SHOWN_PROBLEMS]:
         field = f" field '{p['field']}'" if p["field"] else ""
         console.print(f"  {escape(p['where'])}{escape(field)}: {escape(p['message'])} [dim]({p['kind']})[/]",
