@@ -74,12 +74,12 @@ class SFTMethod:
         for example in examples:
             seq = tokenize_sft(self.tokenizer, example, max_length=config.max_length,
                                completion_only_loss=self.completion_only_loss)
-            truncated += bool(seq.response_truncated)
             if not any(label != IGNORE_INDEX for label in seq.labels[1:]):
                 empty += 1  # the prompt filled max_length: nothing left to learn from
                 continue
+            truncated += bool(seq.response_truncated)
             items.append(seq)
-        log(f"{name}: {len(items)} of {len(examples)} examples kept; {truncated} truncated to max_length "
+        log(f"{name}: {len(items)} of {len(examples)} examples kept; {truncated} of them truncated to max_length "
             f"{config.max_length}; {empty} dropped with no completion token left")
         if examples and not items:
             raise PreftuneError(f"no {name} example has a completion token within max_length {config.max_length}",
