@@ -219,7 +219,8 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
 
     left-padded mask [0, 0, 1, 1, 1] -> [0, 0, 0, 1, 2]; right-padded [1, 1, 1, 0, 0] -> [0, 1, 2, 0, 0].
     """
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    mask = attention_mask.long()
+    return ((mask.cumsum(-1) - 1) * mask).clamp(min=0)
 
 
 def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
