@@ -106,3 +106,15 @@ def test_inspect_fatal_error_exits_1_with_the_message_only(tmp_path):
     result = runner.invoke(app, ["data", "inspect", str(DATA / "prefs_standard.jsonl"), "--tokenizer",
                                  str(tmp_path / "no_tokenizer_here")])
     assert result.exit_code == 1 and "cannot load a tokenizer" in result.output
+
+
+def test_inspect_assistant_tag_option(tmp_path):
+    """Without the tag the prompt cannot be found (exit 1); with '\\nBot:' the prompt is 'User: hi\\nBot:'
+    (5+1+2+1+4 = 13 characters) and the replies ' yes' / ' no' (4 and 3 characters)."""
+    path = tmp_path / "bot.jsonl"
+    path.write_text(json.dumps({"chosen": "User: hi\nBot: yes", "rejected": "User: hi\nBot: no"}) + "\n")
+    result = runner.invoke(app, ["data", "inspect", str(path)])
+    assert result.exit_code == 1 and "share no prefix ending in the assistant tag" in result.output
+    info = _json([str(path), "--assistant-tag", "\\nBot:"])
+    assert info["format"] == "implicit_prompt"
+    assert [info["chars"][c]["max"] for c in ("prompt", "chosen", "rejected")] == [13, 4, 3]

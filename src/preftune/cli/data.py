@@ -21,12 +21,15 @@ def inspect(
     format: str = typer.Option("auto", "--format", help="Force a format instead of detecting it."),
     tokenizer: str | None = typer.Option(None, "--tokenizer", help="Also count tokens (local dir or hub id)."),
     drop_invalid: bool = typer.Option(False, "--drop-invalid", help="Drop (and count) invalid rows."),
+    assistant_tag: str = typer.Option("\\n\\nAssistant:", "--assistant-tag",
+                                      help="Tag ending the prompt in implicit-prompt transcripts (\\n = newline)."),
     as_json: bool = typer.Option(False, "--json", help="Print machine-readable JSON (all problems)."),
 ) -> None:
     """Print the format, counts, lengths, length bias, duplicates and every problem found."""
     from preftune.data import describe, load_any
 
-    examples, report = load_any(source, split=split, format=format, drop_invalid=drop_invalid)
+    examples, report = load_any(source, split=split, format=format, drop_invalid=drop_invalid,
+                                assistant_tag=assistant_tag.replace("\\n", "\n"))
     tok = _load_tokenizer(tokenizer) if tokenizer else None
     if tok is not None and not as_json:
         from rich.progress import Progress
