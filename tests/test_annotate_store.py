@@ -365,3 +365,26 @@ def test_cli_errors_are_one_line(tmp_path: Path) -> None:
     assert "Traceback" not in res.output
     res = runner.invoke(app, ["annotate", "serve", "--db", str(tmp_path / "empty.sqlite")])
     assert res.exit_code == 1 and "the database holds no pairs" in res.output
+
+
+def test_threads_share_one_store(tmp_path: Path) -> None:
+    """8 threads answer 20 pairs each for their own annotator, and all race on one pair as "dup":
+    every distinct answer is stored once (160 + 1 rows), the 7 losers of the race get DuplicateLabelError."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    store = AnnotationStore(tmp_path / "db.sqlite")
+    store.add_pairs(make_pairs(20))
+
+    def work(i: int) -> int:
+        for p in make_pairs(20):
+            label_of(store, p.id, f"t{i}", "a")
+        try:
+            label_of(store, "p0", "dup", "b")
+            return 0
+        except DuplicateLabelError:
+            return 1
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        losers = sum(pool.map(work, range(8)))
+    assert losers == 7
+    assert store.count_labels() == 8 * 20 + 1
