@@ -245,3 +245,17 @@ def test_sft_messages_must_end_with_assistant(tmp_path):
         load_sft(path)
     assert err.value.field == "messages" and "last message must be the assistant's reply, got role 'user'" in str(
         err.value)
+
+
+def test_csv_list_cells_are_json(tmp_path):
+    """A CSV ranking: responses '["a", "b"]', ranking '[1, 0]' -> best first ['b', 'a']; a cell '[1, 0' is
+    malformed JSON (the array is not closed: expecting ',' delimiter at column 6)."""
+    path = tmp_path / "r.csv"
+    path.write_text('prompt,responses,ranking\np,"[""a"", ""b""]","[1, 0]"\nq,"[""a"", ""b""]","[1, 0"\n')
+    with pytest.raises(PreftuneError) as err:
+        load_preferences(path)
+    assert (err.value.line, err.value.field) == (3, "ranking")
+    assert err.value.message == "malformed JSON list in the cell: Expecting ',' delimiter (column 6)"
+    path.write_text('prompt,responses,ranking\np,"[""a"", ""b""]","[1, 0]"\n')
+    (ranking,), _ = load_preferences(path)
+    assert ranking.responses == ["b", "a"]
