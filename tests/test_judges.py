@@ -204,3 +204,13 @@ def test_majority_uses_each_annotators_latest_label_and_rejects_unknown_choices(
         majority_verdicts([{**labels[0], "choice": "left"}], ["p"], [("x", "y")])
     with pytest.raises(PreftuneError, match="annotation database not found"):
         HumanJudge("no/such/file.db")
+
+
+def test_reward_and_llm_judges_load_from_a_directory(tiny_model_dir):
+    """`reward:DIR` and `llm:DIR` load the model the normal way (from_pretrained) and judge every pair."""
+    prompts, pairs = ["To be", "Shall I"], [("or not", "that is"), ("compare", "compare")]
+    for spec in (f"reward:{tiny_model_dir}", f"llm:{tiny_model_dir}"):
+        judge = make_judge(spec, batch_size=2)
+        out = judge.judge_pairs(prompts, pairs)
+        assert judge.name == spec and len(out.choices) == 2 and out.missing == []
+        assert out.choices[1] is None  # identical completions: same score / both orders disagree or tie

@@ -169,7 +169,7 @@ class RewardModelJudge(ScoreJudge):
             from preftune.models import load_reward_model, load_tokenizer
 
             tokenizer = load_tokenizer(model_path)
-            model = load_reward_model(model_path)
+            model = load_reward_model(model_path, tokenizer=tokenizer)
             model.to(_device(device))
         if tokenizer is None:
             raise PreftuneError("a reward model needs its tokenizer", field="judge")
@@ -216,10 +216,10 @@ class LLMJudge(Judge):
         if scorer is None and model is None:
             if model_path is None:
                 raise PreftuneError("give an LLM judge model path (or a loaded model and tokenizer)", field="judge")
-            from transformers import AutoModelForCausalLM, AutoTokenizer
+            from preftune.models import load_policy, load_tokenizer
 
-            tokenizer = AutoTokenizer.from_pretrained(model_path)
-            model = AutoModelForCausalLM.from_pretrained(model_path).to(_device(device))
+            tokenizer = load_tokenizer(model_path)
+            model = load_policy(model_path, tokenizer=tokenizer).to(_device(device))
         self.model, self.tokenizer = model, tokenizer
         self.name = f"llm:{model_path}" if model_path else "llm"
 
