@@ -1,9 +1,155 @@
-"""`preftune score` (being written; see the module's issue)."""
+"""`preftune score`: score (prompt, response) pairs with a reward model, one JSON line each.
+
+Two kinds of input, told apart by the first record:
+
+* generations (JSONL records with ``completion``, as `preftune generate` writes): each record is copied
+  to the output with a ``score`` field added;
+* preference data (any format `preftune.data.load_preferences` reads): the chosen and rejected
+  response of each pair (every response of a ranking) get one line each, and the accuracy (share of
+  pairs whose chosen response scores higher) is printed.
+
+``--normalize-on REF`` subtracts the mean score over the reference set's responses, so that set has
+mean 0 (InstructGPT normalises its reward model this way, Ouyang et al. 2022, Sec. 3.5); the line then
+also carries ``raw_score``.
+"""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+from typing import Any
+
 import typer
+
+from preftune.cli._common import console, handle_errors
+from preftune.errors import PreftuneError
+
+
+def _first_record(path: Path) -> dict[str, Any] | None:
+    """The first JSON object of a JSONL file (None for other files: they are preference data)."""
+    if path.suffix.lower() not in (".jsonl", ".ndjson") or not path.is_file():
+        return None
+    with path.open(encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    return None
+                return record if isinstance(record, dict) else None
+    return None
+
+
+def read_rows(path: Path) -> tuple[str, list[dict[str, Any]]]:
+    """("generations" | "preferences", rows): each row has prompt, response and what to write with it."""
+    first = _first_record(path)
+    if first is not None and "completion" in first and "label" not in first:
+        rows = []
+        with path.open(encoding="utf-8") as f:
+            for number, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                record = json.loads(line)
+                for key in ("prompt", "completion"):
+                    if key not in record:
+                        raise PreftuneError(f"missing field '{key}'", path=str(path), line=number, field=key,
+                                            hint="generations need prompt and completion (preftune generate)")
+                rows.append({"prompt": record["prompt"], "response": record["completion"], "out": record})
+        return "generations", rows
+    from preftune.data import load_preferences
+
+    items, _report = load_preferences(str(path), rankings="keep")
+    rows = []
+    for index, item in enumerate(items):
+        if hasattr(item, "responses"):
+            for rank, response in enumerate(item.responses, start=1):
+                rows.append({"prompt": item.prompt, "response": response, "out": {
+                    "item": index, "prompt": item.prompt, "rank": rank, "response": response, "source": item.source}})
+        elif hasattr(item, "chosen"):
+            for role in ("chosen", "rejected"):
+                response = getattr(item, role)
+                rows.append({"prompt": item.prompt, "response": response, "out": {
+                    "item": index, "prompt": item.prompt, "role": role, "response": response, "source": item.source}})
+        else:  # unpaired (prompt, completion, label)
+            rows.append({"prompt": item.prompt, "response": item.completion, "out": {
+                "item": index, "prompt": item.prompt, "response": item.completion, "label": item.label,
+                "source": item.source}})
+    return "preferences", rows
+
+
+def accuracy(rows: list[dict[str, Any]], scores: list[float]) -> tuple[int, int]:
+    """(correct, total) over ordered pairs of each item: chosen above rejected, rank i above rank j > i."""
+    by_item: dict[int, list[tuple[int, float]]] = {}
+    for row, score in zip(rows, scores, strict=True):
+        out = row["out"]
+        if "role" in out:
+            by_item.setdefault(out["item"], []).append((0 if out["role"] == "chosen" else 1, score))
+        elif "rank" in out:
+            by_item.setdefault(out["item"], []).append((out["rank"], score))
+    correct = total = 0
+    for entries in by_item.values():
+        entries.sort()
+        for i in range(len(entries)):
+            for j in range(i + 1, len(entries)):
+                total += 1
+                correct += entries[i][1] > entries[j][1]
+    return correct, total
+
+
+@handle_errors
+def score_command(
+    model: str = typer.Option(..., "--model", help="Reward model: a local directory or a hub id."),
+    data: Path = typer.Option(..., "--data", help="Generations JSONL (prompt, completion) or preference data."),
+    output: Path = typer.Option(..., "--output", help="Where to write one JSON line per scored response."),
+    normalize_on: Path | None = typer.Option(None, "--normalize-on",
+                                             help="Shift scores so this reference set has mean 0."),
+    batch_size: int = typer.Option(16, "--batch-size", min=1, help="Responses per forward pass."),
+    max_length: int = typer.Option(2048, "--max-length", min=2, help="Tokens per prompt + response."),
+) -> None:
+    """Score responses with a reward model; prints the accuracy for preference data."""
+    import torch
+
+    from preftune.models import load_reward_model, load_tokenizer, score_texts
+
+    for path in (data, normalize_on):
+        if path is not None and not path.exists():
+            raise PreftuneError("file not found", path=str(path))
+    tokenizer = load_tokenizer(model)
+    reward_model = load_reward_model(model, tokenizer=tokenizer)
+    reward_model.to("cuda" if torch.cuda.is_available() else "cpu")
+
+    def run(path: Path) -> tuple[str, list[dict[str, Any]], list[float]]:
+        kind, rows = read_rows(path)
+        if not rows:
+            raise PreftuneError("nothing to score", path=str(path))
+        scores = score_texts(reward_model, tokenizer, [r["prompt"] for r in rows], [r["response"] for r in rows],
+                             batch_size=batch_size, max_length=max_length, progress=True)
+        return kind, rows, scores
+
+    kind, rows, scores = run(data)
+    offset = 0.0
+    if normalize_on is not None:
+        _, _, reference = run(normalize_on)
+        offset = sum(reference) / len(reference)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    with output.open("w", encoding="utf-8") as f:
+        for row, score in zip(rows, scores, strict=True):
+            line = {**row["out"], "score": score - offset}
+            if normalize_on is not None:
+                line["raw_score"] = score
+            f.write(json.dumps(line, ensure_ascii=False) + "\n")
+    shifted = [s - offset for s in scores]
+    mean = sum(shifted) / len(shifted)
+    console.print(f"scored {len(rows)} responses ({kind}) -> {output}; mean score {mean:.4f}"
+                  + (f" (shifted by {-offset:+.4f} so {normalize_on} has mean 0)" if normalize_on else ""),
+                  highlight=False)
+    if kind == "preferences":
+        correct, total = accuracy(rows, scores)
+        if total:
+            console.print(f"accuracy {correct / total:.4f} ({correct} of {total} pairs ranked right)",
+                          highlight=False)
 
 
 def register(app: typer.Typer) -> None:
-    """Add this module's commands to the root app."""
+    """Add `preftune score` to the root app."""
+    app.command(name="score", help="Score (prompt, response) pairs with a reward model.")(score_command)
