@@ -146,7 +146,6 @@ class _InterruptAt(SFTMethod):
         return None
 
 
-@pytest.mark.slow
 def test_resume_continues_the_identical_loss_curve(dropout_model_dir: Path, tmp_path: Path) -> None:
     """6 steps straight == Ctrl-C during step 3, checkpoint, then resume steps 4..6.
 

@@ -29,7 +29,6 @@ def _invoke(*args: str) -> None:
     assert result.exit_code == 0, result.output + repr(result.exception)
 
 
-@pytest.mark.slow
 def test_sft_then_reward_then_dpo_through_the_cli(tiny_model_dir: Path, tmp_path: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 

@@ -7,6 +7,7 @@ command lists every key with its type, default and help string, generated from t
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import typer
@@ -50,7 +51,8 @@ def _command(name: str):
 
         resolved = load_config(CONFIGS[name], config, list(ctx.args))
         final = run(name, resolved)
-        console.print(f"[green]done:[/] {final}")
+        if int(os.environ.get("RANK", "0")) == 0:  # once, not once per process of a multi-process launch
+            console.print(f"[green]done:[/] {final}")
 
     command.__doc__ = SUMMARIES.get(name, f"Train with the {name} method.")
     return handle_errors(command)
@@ -71,15 +73,11 @@ def keys_command(
         close = difflib.get_close_matches(method, list(CONFIGS), n=1)
         hint = (f"did you mean {close[0]!r}? " if close else "") + f"methods: {', '.join(CONFIGS)}"
         handle_errors(_raise)(PreftuneError(f"unknown training method {method!r}", hint=hint))
+    if markdown:
+        _markdown(method)
+        return
     for name in [method] if method else list(CONFIGS):
         infos = keys(CONFIGS[name])
-        if markdown:
-            typer.echo(f"\n### `preftune train {name}`\n")
-            typer.echo("| key | type | default | help |\n|---|---|---|---|")
-            for i in infos:
-                choices = f" ({', '.join(i.choices)})" if i.choices else ""
-                typer.echo(f"| `{i.name}` | {i.type} | `{format_value(i.default)}` | {i.help}{choices} |")
-            continue
         table = Table(title=f"preftune train {name}", title_justify="left")
         for column in ("key", "type", "default", "help"):
             table.add_column(column, overflow="fold")
@@ -87,6 +85,30 @@ def keys_command(
             choices = f" ({', '.join(i.choices)})" if i.choices else ""
             table.add_row(i.name, i.type, format_value(i.default), i.help + choices)
         console.print(table)
+
+
+def _markdown(method: str | None) -> None:
+    """Markdown tables: one method's every key, or the shared keys once and then each method's own."""
+    from preftune.config import TrainConfig
+
+    def table(infos: list[KeyInfo]) -> None:
+        typer.echo("| key | type | default | help |\n|---|---|---|---|")
+        for i in infos:
+            choices = f" ({', '.join(i.choices)})" if i.choices else ""
+            cells = [f"`{i.name}`", i.type.replace(" | ", " or "), f"`{format_value(i.default)}`", i.help + choices]
+            typer.echo("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+
+    if method:
+        typer.echo(f"### `preftune train {method}`\n")
+        table(keys(CONFIGS[method]))
+        return
+    shared = {i.name: i for i in keys(TrainConfig)}
+    typer.echo("### Keys of every training command\n")
+    table(list(shared.values()))
+    for name, cls in CONFIGS.items():
+        own = [i for i in keys(cls) if i.name not in shared or i.default != shared[i.name].default]
+        typer.echo(f"\n### `preftune train {name}`: its own keys and defaults\n")
+        table(own)
 
 
 def _raise(exc: Exception) -> None:

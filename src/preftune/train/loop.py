@@ -133,7 +133,7 @@ def train(method: TrainingMethod, config: TrainConfig) -> Path:
     out = Path(config.output_dir)
     trackers = _trackers(config.report_to)
     accelerator = Accelerator(
-        mixed_precision=config.mixed_precision, log_with=trackers or None,
+        cpu=_distributed_cpu(), mixed_precision=config.mixed_precision, log_with=trackers or None,
         project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
     )
     log = _main_print(accelerator)
@@ -434,6 +434,14 @@ def _describe(method: TrainingMethod, state: TrainerState, config: TrainConfig, 
 def _format_eval(record: dict[str, Any]) -> str:
     values = ", ".join(f"{k} {v:.4g}" for k, v in record.items() if k.startswith("eval/"))
     return f"step {record['step']}: {values}"
+
+
+def _distributed_cpu() -> bool:
+    """True when launched as several processes (torchrun, accelerate launch) on a machine without CUDA:
+    accelerate then needs ``cpu=True`` to form a gloo process group instead of running W separate copies."""
+    import os
+
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
 
 
 def _release(accelerator: Any) -> None:
