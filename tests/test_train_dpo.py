@@ -53,7 +53,6 @@ def _config(tmp_path: Path, model: Path, data: Path, **keys) -> DPOConfig:
     return from_mapping(DPOConfig, {**base, **keys})
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("loss", ["dpo", "ipo", "cdpo", "hinge", "robust", "orpo", "simpo", "unlikelihood"])
 def test_each_loss_lowers_its_loss_and_raises_accuracy(loss, tiny_model_dir, toy_pairs, tmp_path):
     """8 full-batch AdamW steps (lr 1e-3) on 4 pairs. Step 1's metrics are measured before any update,

@@ -76,7 +76,6 @@ def _config(tmp_path: Path, model: Path, data: Path, **keys) -> RewardConfig:
     return from_mapping(RewardConfig, {**base, **keys})
 
 
-@pytest.mark.slow
 def test_reward_model_learns_a_separable_preference_and_reloads(tiny_model_dir, tmp_path):
     """Chosen says 'yes', rejected 'no': after 8 steps the held-out pairs (other prompts) are all ranked
     right. The saved directory loads with AutoModelForSequenceClassification and scores as trained."""
