@@ -100,9 +100,12 @@ class _ChunkedTokenLogps(torch.autograd.Function):
         for s in range(0, logits.shape[0], chunk_size):
             e = s + chunk_size
             # -g * softmax(z), built in place on one fp32 chunk; then + g at the target (the one-hot term).
-            d = torch.sub(logits[s:e].to(lse.dtype), lse[s:e, None]).exp_().mul_(-g[s:e, None])
+            # When logits are already in the compute dtype, write straight into the gradient (no copy).
+            into = grad[s:e] if grad.dtype == lse.dtype else None
+            d = torch.sub(logits[s:e].to(lse.dtype), lse[s:e, None], out=into).exp_().mul_(-g[s:e, None])
             d.scatter_add_(-1, safe[s:e], g[s:e, None])
-            grad[s:e] = d
+            if into is None:
+                grad[s:e] = d
         return grad, None, None
 
 
