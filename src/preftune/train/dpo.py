@@ -42,7 +42,7 @@ def next_token_labels(labels: torch.Tensor) -> torch.Tensor:
 
 
 def sequence_logps(model: Any, batch: dict[str, torch.Tensor], *,
-                   chunk_size: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+                   chunk_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed response log-probs [N] and response token counts [N] of every row of ``batch``.
 
     ``sum_t log pi(y_t | x, y_<t)`` over positions whose label is not -100 (the response and its EOS);
