@@ -1,0 +1,357 @@
+"""Benchmark one DPO optimizer step through preftune's own code path, and compare it with the machine.
+
+Builds a few-million-parameter Llama-style model and a few hundred synthetic preference pairs (random
+token ids), precomputes the reference log-probs once, then times N steps of
+forward (chosen + rejected in one batch) -> DPO loss -> backward -> AdamW step. It prints the median step
+time, tokens per second, peak memory, and the achieved model FLOP/s as a fraction of a dense matmul peak
+measured in the same run, on the same machine, with the same dtype and thread count.
+
+FLOP count (Kaplan et al. 2020, Sec. 2.1; Chinchilla, Hoffmann et al. 2022, App. F): a trained token
+costs 6 N FLOPs (forward 2 N, backward 4 N), a reference (forward-only) token 2 N, where
+N = matmul parameters = non-embedding parameters of the decoder layers + the lm_head (the token embedding
+is a lookup, not a matmul; the lm_head is a real [H, V] matmul and is counted). Attention's
+T-dependent term (2 * n_layer * T * d per token forward) is not counted, so the figure is conservative.
+Only real tokens are counted, not padding.
+
+    python benchmarks/dpo_step.py --steps 10 --batch-size 8
+    python benchmarks/dpo_step.py --dtype bf16 --steps 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # run from a checkout without install
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class Pair:
+    prompt: list[int]
+    chosen: list[int]
+    rejected: list[int]
+
+
+def physical_cores() -> int:
+    """Physical cores available to this process (psutil when installed, else the affinity mask)."""
+    try:
+        import psutil
+
+        n = psutil.cpu_count(logical=False)
+    except ImportError:
+        n = None
+    avail = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(n or avail, avail))
+
+
+def build_model(*, vocab: int, hidden: int, layers: int, heads: int, intermediate: int, seed: int):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate,
+                      num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
+                      max_position_embeddings=1024, tie_word_embeddings=False, attn_implementation="sdpa")
+    return LlamaForCausalLM(cfg)
+
+
+def count_params(model) -> dict[str, int]:
+    total = sum(p.numel() for p in model.parameters())
+    embed = model.get_input_embeddings().weight.numel()
+    head = model.get_output_embeddings().weight.numel()
+    return {"total": total, "embedding": embed, "lm_head": head, "non_embedding": total - embed - head,
+            "flop_N": total - embed}
+
+
+def synthetic_pairs(n: int, *, vocab: int, prompt_len: tuple[int, int], response_len: tuple[int, int],
+                    seed: int) -> list[Pair]:
+    rng = random.Random(seed)
+
+    def toks(lo: int, hi: int) -> list[int]:
+        return [rng.randrange(3, vocab) for _ in range(rng.randint(lo, hi))]
+
+    return [Pair(toks(*prompt_len), toks(*response_len), toks(*response_len)) for _ in range(n)]
+
+
+def dense_matmul_peak(*, dtype: torch.dtype, device: str, size: int, repeats: int = 5) -> float:
+    """Best FLOP/s of ``size x size @ size x size`` (2 size^3 FLOPs), same dtype/threads as the model."""
+    a = torch.randn(size, size, device=device).to(dtype)
+    b = torch.randn(size, size, device=device).to(dtype)
+    best = float("inf")
+    for _ in range(repeats + 1):  # the first is a warm-up
+        _sync(device)
+        t0 = time.perf_counter()
+        a @ b
+        _sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * size**3 / best
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+class PeakMemory:
+    """Peak memory during the timed steps: CUDA max_memory_allocated, or on CPU the peak RSS (VmHWM,
+    reset through /proc/self/clear_refs when the kernel allows it; else ru_maxrss, a process-wide peak)."""
+
+    def __init__(self, device: str):
+        self.device = device
+        self.how = ""
+
+    def start(self) -> None:
+        if self.device.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats()
+            self.base = torch.cuda.memory_allocated()
+            self.how = "torch.cuda.max_memory_allocated - allocated before the steps"
+            return
+        self.base = _proc_status_kb("VmRSS")
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # resets VmHWM to the current RSS
+            self.how = "peak RSS (VmHWM, reset before the steps) - RSS before the steps"
+        except OSError:
+            self.how = "process peak RSS (VmHWM; could not reset) - RSS before the steps"
+
+    def delta_bytes(self) -> int:
+        if self.device.startswith("cuda"):
+            return torch.cuda.max_memory_allocated() - self.base
+        return (_proc_status_kb("VmHWM") - self.base) * 1024
+
+
+def _proc_status_kb(key: str) -> int:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--steps", type=int, default=10, help="timed optimizer steps")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    ap.add_argument("--batch-size", type=int, default=8, help="pairs per step (2x sequences)")
+    ap.add_argument("--pairs", type=int, default=256, help="synthetic pairs in the fixture")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", choices=list(DTYPES), default="fp32",
+                    help="fp32: plain; bf16/fp16: autocast (weights and optimizer in fp32)")
+    ap.add_argument("--compile", action="store_true", help="torch.compile the model")
+    ap.add_argument("--group-by-length", action="store_true",
+                    help="batches of similar length (preftune.data.collate.length_grouped_order): less padding")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads; 0 = physical cores")
+    ap.add_argument("--vocab", type=int, default=8192)
+    ap.add_argument("--hidden", type=int, default=256)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--heads", type=int, default=4)
+    ap.add_argument("--intermediate", type=int, default=1024)
+    ap.add_argument("--matmul-size", type=int, default=2048, help="side of the square matmuls for the peak")
+    ap.add_argument("--profile", type=Path, default=None, help="write a torch.profiler table to this file")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+
+    run(args)
+
+
+def to_items(pairs: list[Pair]):
+    """Synthetic pairs as preftune's tokenized pairs (labels -100 on the prompt, as data.tokenize makes)."""
+    from preftune.data.tokenize import IGNORE_INDEX, TokenizedPair
+
+    return [TokenizedPair(chosen_input_ids=p.prompt + p.chosen,
+                          chosen_labels=[IGNORE_INDEX] * len(p.prompt) + p.chosen,
+                          rejected_input_ids=p.prompt + p.rejected,
+                          rejected_labels=[IGNORE_INDEX] * len(p.prompt) + p.rejected) for p in pairs]
+
+
+def dpo_method(model, *, beta: float = 0.1):
+    """preftune's DPOMethod holding an in-memory model; what ``setup`` would load from a config."""
+    from types import SimpleNamespace
+
+    from preftune.train.dpo import DPOMethod
+
+    method = DPOMethod()
+    method.model = model
+    method.tokenizer = SimpleNamespace(pad_token_id=0)
+    method.loss_name, method.hparams, method.needs_reference = "dpo", {"beta": beta}, True
+    return method
+
+
+def make_step(method, *, device: str, autocast_dtype, lr: float = 1e-4, max_grad_norm: float = 1.0):
+    """One optimizer step as ``train/loop.py`` does it: ``DPOMethod.collate`` -> ``DPOMethod.loss`` (one
+    forward over chosen + rejected, preftune.logprobs, preference_loss('dpo')) -> backward -> clip ->
+    AdamW step. Returns ``step(items) -> (loss, batch)``."""
+    model = method.model
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+
+    def step(items) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        batch = {k: v.to(device) for k, v in method.collate(items).items()}
+        with _autocast(device, autocast_dtype):
+            out = method.loss(model, batch, normaliser=float(method.units(batch)))
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return out.loss.detach(), batch
+
+    return step
+
+
+def fill_reference_logps(method, items, *, batch_size: int, device: str, autocast_dtype) -> tuple[int, float]:
+    """Reference log-probs (the initial model, no grad) written into every item, as the DPO reference
+    cache does; returns (tokens, seconds)."""
+    from preftune.train.dpo import sequence_logps
+
+    tokens = 0
+    method.model.eval()
+    _sync(device)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        for s in range(0, len(items), batch_size):
+            chunk = items[s : s + batch_size]
+            batch = {k: v.to(device) for k, v in method.collate(chunk).items()}
+            with _autocast(device, autocast_dtype):
+                logps = sequence_logps(method.model, batch)[0].float().cpu()
+            for i, item in enumerate(chunk):
+                item.ref_chosen_logps = float(logps[i])
+                item.ref_rejected_logps = float(logps[len(chunk) + i])
+            tokens += int(batch["attention_mask"].sum())
+    _sync(device)
+    method.model.train()
+    return tokens, time.perf_counter() - t0
+
+
+def _autocast(device: str, dtype):
+    if dtype is None:
+        import contextlib
+
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.split(":")[0], dtype=dtype)
+
+
+def run(args: argparse.Namespace) -> dict[str, float]:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    threads = args.threads or physical_cores()
+    torch.set_num_threads(threads)
+    device = args.device
+    dtype = DTYPES[args.dtype]
+    autocast_dtype = None if dtype == torch.float32 else dtype
+
+    model = build_model(vocab=args.vocab, hidden=args.hidden, layers=args.layers, heads=args.heads,
+                        intermediate=args.intermediate, seed=args.seed).to(device)
+    counts = count_params(model)
+    console.print(f"model: Llama-style, hidden {args.hidden}, {args.layers} layers, {args.heads} heads, "
+                  f"intermediate {args.intermediate}, vocab {args.vocab}; parameters: total "
+                  f"{counts['total']:,} = embedding {counts['embedding']:,} + decoder layers "
+                  f"{counts['non_embedding']:,} + lm_head {counts['lm_head']:,}")
+    console.print(f"FLOP count uses N = decoder layers + lm_head = {counts['flop_N']:,} "
+                  "(6N per trained token, 2N per reference token)")
+
+    pairs = synthetic_pairs(args.pairs, vocab=args.vocab, prompt_len=(48, 80), response_len=(64, 128),
+                            seed=args.seed)
+    items = to_items(pairs)
+    method = dpo_method(model)
+    ref_tokens, ref_time = fill_reference_logps(method, items, batch_size=args.batch_size, device=device,
+                                                autocast_dtype=autocast_dtype)
+    if args.compile:
+        method.model = torch.compile(model)
+    step = make_step(method, device=device, autocast_dtype=autocast_dtype)
+    path = "preftune.train.dpo.DPOMethod.collate + .loss (loss dpo, beta 0.1), AdamW"
+    if args.group_by_length:
+        from preftune.data.collate import item_length, length_grouped_order
+
+        order = length_grouped_order([item_length(i) for i in items], args.batch_size, args.seed + 1)
+    else:
+        order = list(range(len(items)))
+        random.Random(args.seed + 1).shuffle(order)
+    cursor = iter(range(0, 10**9))
+
+    def next_batch():
+        start = (next(cursor) * args.batch_size) % (len(order) - args.batch_size + 1)
+        return [items[i] for i in order[start : start + args.batch_size]]
+
+    for _ in range(args.warmup):
+        step(next_batch())
+    peak_before = dense_matmul_peak(dtype=dtype, device=device, size=args.matmul_size)
+
+    batches = [next_batch() for _ in range(args.steps)]
+    memory = PeakMemory(device)
+    memory.start()
+    times, tokens, padded, losses = [], [], [], []
+    prof = None
+    if args.profile is not None:
+        from torch.profiler import ProfilerActivity, profile
+
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
+        prof = profile(activities=acts)
+        prof.__enter__()
+    for batch in batches:
+        _sync(device)
+        t0 = time.perf_counter()
+        loss, collated = step(batch)
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+        tokens.append(int(collated["attention_mask"].sum()))
+        padded.append(collated["attention_mask"].numel())
+        losses.append(float(loss))
+    mem = memory.delta_bytes()
+    peak = max(peak_before, dense_matmul_peak(dtype=dtype, device=device, size=args.matmul_size))
+    if prof is not None:
+        prof.__exit__(None, None, None)
+        args.profile.write_text(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=40))
+        console.print(f"profile written to {args.profile}")
+
+    med = statistics.median(times)
+    med_tokens = statistics.median(tokens)
+    tok_per_s = sum(tokens) / sum(times)
+    model_flops = 6 * counts["flop_N"] * tok_per_s
+    ref_flops = 2 * counts["flop_N"] * ref_tokens / ref_time
+    table = Table(title=f"DPO step: {path}")
+    table.add_column("quantity")
+    table.add_column("value", justify="right")
+    rows = [
+        ("device / dtype / threads", f"{device} / {args.dtype} / {threads}"),
+        ("batch (pairs) / sequences per step", f"{args.batch_size} / {2 * args.batch_size}"),
+        ("torch.compile / group by length", f"{args.compile} / {args.group_by_length}"),
+        ("median step time", f"{med * 1000:.1f} ms"),
+        ("min / max step time", f"{min(times) * 1000:.1f} / {max(times) * 1000:.1f} ms"),
+        ("tokens per step (median, no padding)", f"{med_tokens:,.0f}"),
+        ("real tokens / padded positions", f"{sum(tokens) / sum(padded):.1%}"),
+        ("trained tokens per second", f"{tok_per_s:,.0f}"),
+        ("peak memory during steps", f"{mem / 2**20:,.0f} MiB"),
+        ("model FLOP/s (6N per token)", f"{model_flops / 1e9:,.1f} GFLOP/s"),
+        (f"dense matmul peak ({args.matmul_size}^2, best of 12)", f"{peak / 1e9:,.1f} GFLOP/s"),
+        ("fraction of matmul peak (training)", f"{model_flops / peak:.1%}"),
+        ("reference pass: tokens/s, fraction (2N)", f"{ref_tokens / ref_time:,.0f}, {ref_flops / peak:.1%}"),
+        ("loss first -> last", f"{losses[0]:.4f} -> {losses[-1]:.4f}"),
+    ]
+    for k, v in rows:
+        table.add_row(k, v)
+    console.print(table)
+    console.print(f"memory: {memory.how}")
+    console.print(f"summary: {med * 1000:.0f} ms/step, {tok_per_s:,.0f} tok/s, "
+                  f"{model_flops / 1e9:.1f} GFLOP/s = {model_flops / peak:.0%} of a {peak / 1e9:.0f} GFLOP/s "
+                  f"{args.dtype} matmul peak on {threads} threads, peak memory +{mem / 2**20:,.0f} MiB")
+    return {"median_step_s": med, "tokens_per_s": tok_per_s, "fraction_of_peak": model_flops / peak,
+            "peak_memory_bytes": mem}
+
+
+if __name__ == "__main__":
+    main()
