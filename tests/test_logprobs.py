@@ -241,3 +241,25 @@ def test_lm_head_parts_declines_wrapped_head():
     model = _tiny_llama(False)
     model.lm_head = torch.nn.Sequential(model.lm_head)  # not a plain Linear (like a LoRA-wrapped head)
     assert lm_head_parts(model) is None
+
+
+def test_fused_under_bf16_autocast_matches_unfused():
+    """Under CPU bf16 autocast both paths project with bf16 matmuls (the fused backward recomputes in
+    the autocast dtype too), so values agree to fp32-from-bf16 rounding and gradients to bf16 rounding
+    (2**-8 relative per value; 2e-2 of the largest gradient entry allows for the sums over V and T)."""
+    model = _tiny_llama(False)
+    ids = torch.randint(0, 40, (2, 9), generator=torch.Generator().manual_seed(4))
+    attn = torch.ones_like(ids)
+    labels = shift_for_causal_lm(ids, torch.ones_like(ids))
+    outs, grads = [], []
+    for fused in (False, True):
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = causal_lm_token_logps(model, ids, attn, labels, chunk_size=4, fused=fused)
+        out.sum().backward()
+        outs.append(out.detach())
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-3, atol=1e-3)
+    for name in grads[0]:
+        scale = grads[0][name].abs().max().item()
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=0, atol=2e-2 * scale, msg=name)

@@ -153,6 +153,7 @@ class _ChunkedHeadLogps(torch.autograd.Function):
         out.masked_fill_(~valid, 0.0)
         ctx.save_for_backward(hidden, weight, bias, labels, lse)
         ctx.chunk_size, ctx.softcap = chunk_size, softcap
+        ctx.mm_dtype = _autocast_dtype(hidden.device.type) or weight.dtype  # backward recomputes alike
         return out
 
     @staticmethod
@@ -167,9 +168,14 @@ class _ChunkedHeadLogps(torch.autograd.Function):
         # Weight / bias gradients accumulate over chunks: keep them in the compute dtype, cast once.
         grad_w = torch.zeros(weight.shape, dtype=lse.dtype, device=weight.device) if need_w else None
         grad_b = torch.zeros(bias.shape, dtype=lse.dtype, device=bias.device) if need_b else None
+        # Under autocast the forward projected in the autocast dtype; backward (which runs outside
+        # autocast) recomputes and multiplies in that same dtype.
+        mm = ctx.mm_dtype
+        w_mm = weight.to(mm)
+        b_mm = None if bias is None else bias.to(mm)
         for s in range(0, hidden.shape[0], chunk_size):
             e = s + chunk_size
-            raw = _project(hidden[s:e], weight, bias, None, lse.dtype)
+            raw = _project(hidden[s:e], w_mm, b_mm, None, lse.dtype)
             if softcap is not None:
                 th = torch.tanh(raw / softcap)
                 z = th * softcap
@@ -180,13 +186,28 @@ class _ChunkedHeadLogps(torch.autograd.Function):
             if softcap is not None:
                 d.mul_(1.0 - th * th)                                  # d/dx cap*tanh(x/cap) = 1 - tanh^2
             if need_h:
-                grad_h[s:e] = (d.to(weight.dtype) @ weight).to(hidden.dtype)
-            if need_w:
-                grad_w.addmm_(d.t(), hidden[s:e].to(lse.dtype))
+                grad_h[s:e] = (d.to(mm) @ w_mm).to(hidden.dtype)
+            if need_w and mm == lse.dtype:
+                grad_w.addmm_(d.t(), hidden[s:e].to(mm))
+            elif need_w:
+                grad_w.add_(d.t().to(mm) @ hidden[s:e].to(mm))
             if need_b:
                 grad_b.add_(d.sum(0))
         return (grad_h, None if grad_w is None else grad_w.to(weight.dtype),
                 None if grad_b is None else grad_b.to(bias.dtype), None, None, None)
+
+
+def _autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The autocast dtype active for ``device_type`` (e.g. bf16 inside ``torch.autocast``), else None."""
+    try:
+        if torch.is_autocast_enabled(device_type):
+            return torch.get_autocast_dtype(device_type)
+    except (TypeError, AttributeError):  # torch < 2.4: no device_type argument
+        if device_type == "cpu" and torch.is_autocast_cpu_enabled():
+            return torch.get_autocast_cpu_dtype()
+        if device_type == "cuda" and torch.is_autocast_enabled():
+            return torch.get_autocast_gpu_dtype()
+    return None
 
 
 def _project(h: Tensor, weight: Tensor, bias: Tensor | None, softcap: float | None,
