@@ -166,6 +166,21 @@ def test_missing_field_names_fields_present_and_detected_format(tmp_path):
                                f"prompt; format 'standard' (detected from {path}:1) needs prompt, chosen, rejected")
 
 
+def test_null_field_is_named_as_null_not_as_missing(tmp_path):
+    """A JSON null (or a Parquet null) means the column exists but this row has no value: say so."""
+    path = _write(tmp_path, [{"prompt": "p", "chosen": "a", "rejected": "b"},
+                             {"prompt": None, "chosen": "a", "rejected": "b"}])
+    err = _error(path)
+    assert (err.line, err.field) == (2, "prompt")
+    assert err.message.startswith("field 'prompt' is null; fields present: chosen, rejected; format 'standard'")
+    assert err.hint.startswith("a 'standard' record looks like")
+
+
+def test_hint_article_follows_the_format_name(tmp_path):
+    err = _error(_write(tmp_path, [{"prompt": "p", "chosen": "a", "rejected": "b"}]), format="unpaired")
+    assert err.hint.startswith("an 'unpaired' record looks like {\"prompt\": \"2+2?\", \"completion\"")
+
+
 @pytest.mark.parametrize(("row", "field", "message"), [
     ({"prompt": "p", "chosen": "  ", "rejected": "b"}, "chosen", "empty text"),
     ({"prompt": "p", "chosen": 4, "rejected": "b"}, "chosen", "expected a string, got int"),

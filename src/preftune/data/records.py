@@ -66,13 +66,20 @@ def parse_record(record: dict[str, Any], ctx: RecordContext) -> tuple[Any, list[
     return _PARSERS[fmt](record, ctx)
 
 
+def _example_hint(fmt: str) -> str:
+    article = "an" if fmt[:1] in "aeiou" else "a"
+    return f"{article} '{fmt}' record looks like {FORMAT_EXAMPLES[fmt]}"
+
+
 def _require(record: dict[str, Any], fields: tuple[str, ...], ctx: RecordContext) -> None:
     for name in fields:
         if record.get(name) is None:
+            # null (JSON null, a Parquet/Arrow null) is named as such: the column exists but this row is empty
+            what = f"field '{name}' is null" if name in record else f"missing field '{name}'"
             present = ", ".join(sorted(k for k, v in record.items() if v is not None)) or "none"
-            raise ctx.error(f"missing field '{name}'; fields present: {present}; format '{ctx.format}' "
+            raise ctx.error(f"{what}; fields present: {present}; format '{ctx.format}' "
                             f"({ctx.format_from}) needs {', '.join(fields)}", field=name,
-                            hint=f"a '{ctx.format}' record looks like {FORMAT_EXAMPLES[ctx.format]}")
+                            hint=_example_hint(ctx.format))
 
 
 def _decode_list_fields(record: dict[str, Any], ctx: RecordContext) -> dict[str, Any]:
@@ -97,7 +104,7 @@ def check_text(value: Any, name: str, ctx: RecordContext, *, strings: bool = Tru
         if not strings:
             raise ctx.error(f"expected a list of {{role, content}} messages, got a string "
                             f"(format '{ctx.format}')", field=name,
-                            hint=f"a '{ctx.format}' record looks like {FORMAT_EXAMPLES[ctx.format]}")
+                            hint=_example_hint(ctx.format))
         if not value.strip():
             raise ctx.error("empty text", field=name, hint=_DROP_HINT)
         return value
@@ -120,7 +127,7 @@ def check_text(value: Any, name: str, ctx: RecordContext, *, strings: bool = Tru
     kinds = " or ".join(k for k, ok in (("a string", strings), ("a list of {role, content} messages", messages))
                         if ok)
     raise ctx.error(f"expected {kinds}, got {type(value).__name__}", field=name,
-                    hint=f"a '{ctx.format}' record looks like {FORMAT_EXAMPLES[ctx.format]}")
+                    hint=_example_hint(ctx.format))
 
 
 def _optional_str(record: dict[str, Any], name: str) -> str | None:
