@@ -73,7 +73,7 @@ def test_inspect_text_output(word_tokenizer):
     out = " ".join(result.stdout.split())                    # undo rich's line wrapping
     assert "format ranking (detected from" in out
     assert "rows 3 read, 3 loaded (3 Ranking), 0 dropped" in out
-    assert "rankings 3-3 responses each, 9 pairs when expanded" in out
+    assert "rankings 3 responses each, 9 pairs when expanded" in out
     assert "length (tokens)" in out and "length bias (chars)" in out
     assert "no problems found" in out
 
@@ -105,7 +105,21 @@ def test_inspect_fatal_error_exits_1_with_the_message_only(tmp_path):
     assert "Traceback" not in result.output
     result = runner.invoke(app, ["data", "inspect", str(DATA / "prefs_standard.jsonl"), "--tokenizer",
                                  str(tmp_path / "no_tokenizer_here")])
+    out = " ".join(result.output.split())
+    assert result.exit_code == 1 and f"{tmp_path / 'no_tokenizer_here'} field '--tokenizer': no such tokenizer" in out
+    # a directory that exists but holds no tokenizer: what transformers said, in one line
+    result = runner.invoke(app, ["data", "inspect", str(DATA / "prefs_standard.jsonl"), "--tokenizer", str(tmp_path)])
     assert result.exit_code == 1 and "cannot load a tokenizer" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_inspect_counts_read_in_the_singular_and_plural():
+    """prefs_ranking.jsonl: 3 prompts, each once -> 'max 1 row per prompt'; prefs_standard.jsonl repeats
+    'What is 2+2?' -> 'max 2 rows per prompt'."""
+    out = " ".join(runner.invoke(app, ["data", "inspect", str(DATA / "prefs_ranking.jsonl")]).stdout.split())
+    assert "0 duplicate rows; 3 distinct prompts, 0 repeated (max 1 row per prompt)" in out
+    out = " ".join(runner.invoke(app, ["data", "inspect", str(DATA / "prefs_standard.jsonl")]).stdout.split())
+    assert "1 duplicate row; 3 distinct prompts, 1 repeated (max 2 rows per prompt)" in out
 
 
 def test_inspect_assistant_tag_option(tmp_path):

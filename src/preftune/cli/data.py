@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import typer
@@ -52,6 +53,9 @@ def _load_tokenizer(name: str) -> Any:
 
     from preftune.errors import PreftuneError
 
+    if name.startswith((".", "/", "~")) and not Path(name).expanduser().exists():
+        raise PreftuneError("no such tokenizer directory", path=name, field="--tokenizer",
+                            hint="check the path, or give a hub id such as Qwen/Qwen2.5-0.5B")
     try:
         return AutoTokenizer.from_pretrained(name)
     except Exception as exc:  # noqa: BLE001 - any failure is reported with what was tried
@@ -82,7 +86,8 @@ def _print(info: dict[str, Any]) -> None:
                   f"{c['dropped']:,} dropped")
     if "pairs_from_rankings" in c:
         r = c["responses_per_ranking"]
-        console.print(f"[bold]rankings[/] {_fmt(r['min'])}-{_fmt(r['max'])} responses each, "
+        k = _fmt(r["min"]) if r["min"] == r["max"] else f"{_fmt(r['min'])}-{_fmt(r['max'])}"
+        console.print(f"[bold]rankings[/] {k} responses each, "
                       f"{c['pairs_from_rankings']:,} pairs when expanded")
     if "label_true" in c:
         console.print(f"[bold]labels[/]   {c['label_true']:,} true, {c['label_false']:,} false")
@@ -104,7 +109,7 @@ def _print(info: dict[str, Any]) -> None:
     d = info["duplicates"]
     console.print(f"[bold]duplicates[/] {_n(d['duplicate_rows'], 'duplicate row')}; "
                   f"{_n(d['distinct_prompts'], 'distinct prompt')}, {d['repeated_prompts']:,} repeated "
-                  f"(max {d['max_rows_per_prompt']:,} rows per prompt)")
+                  f"(max {_n(d['max_rows_per_prompt'], 'row')} per prompt)")
     problems = info["problems"]
     if not problems:
         console.print("[bold green]no problems found[/]")
