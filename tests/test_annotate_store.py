@@ -344,7 +344,10 @@ def test_cli_load_export_stats(tmp_path: Path) -> None:
     out = tmp_path / "prefs.jsonl"
     res = runner.invoke(app, ["annotate", "export", "--db", str(db), "-o", str(out), "--ties", "separate"])
     assert res.exit_code == 0, res.output
-    assert "wrote 4 rows" in res.output and "1 ties (separate)" in res.output and "1 skips" in res.output
+    said = " ".join(res.output.split())
+    assert (f"wrote 4 rows to {out} from 6 labels: 4 preferences, 1 tie (separate), 1 skip (never exported), "
+            "0 labels on 0 pairs left out by --min-agreement/--min-labels") in said
+    assert f"wrote 1 tie to {tmp_path / 'prefs.ties.jsonl'}" in said
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [(r["annotator"], r["chosen"]) for r in rows] == [("x", "A0"), ("x", "B1"), ("y", "A0"), ("y", "A1")]
     assert len((tmp_path / "prefs.ties.jsonl").read_text().splitlines()) == 1

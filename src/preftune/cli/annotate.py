@@ -30,9 +30,13 @@ def _load_into(store, pairs: Path | None, generations: list[Path] | None) -> Non
     else:
         return
     added, present = store.add_pairs(result.pairs)
-    console.print(f"loaded {added} new pairs ({present} already in the database); {store.count_pairs()} in all")
+    console.print(f"loaded {_n(added, 'new pair')} ({present:,} already in the database); {store.count_pairs():,} in all")
     for note in result.notes:
         console.print(f"[yellow]note:[/] {note}")
+
+
+def _n(k: int, noun: str) -> str:
+    return f"{k:,} {noun}" + ("" if k == 1 else "s")
 
 
 def _open_store(db: Path, *, must_exist: bool):
@@ -105,15 +109,16 @@ def export(
     result = preference_rows(store.labels(), ties=ties, min_agreement=min_agreement, min_labels=min_labels)
     write_jsonl(result.rows, output)
     c = result.counts
-    console.print(f"wrote {c['rows']} rows to {output} from {c['labels']} labels: "
-                  f"{c.get('preferences', 0)} preferences, {c.get('ties', 0)} ties ({ties}), "
-                  f"{c.get('skips', 0)} skips (never exported), {c.get('left_out_by_agreement', 0)} labels on "
-                  f"{c['pairs_left_out_by_agreement']} pairs left out by --min-agreement/--min-labels",
+    console.print(f"wrote {_n(c['rows'], 'row')} to {output} from {_n(c['labels'], 'label')}: "
+                  f"{_n(c.get('preferences', 0), 'preference')}, {_n(c.get('ties', 0), 'tie')} ({ties}), "
+                  f"{_n(c.get('skips', 0), 'skip')} (never exported), "
+                  f"{_n(c.get('left_out_by_agreement', 0), 'label')} on "
+                  f"{_n(c['pairs_left_out_by_agreement'], 'pair')} left out by --min-agreement/--min-labels",
                   highlight=False)
     if ties == "separate":
         path = ties_file or output.with_name(output.name.removesuffix(".jsonl") + ".ties.jsonl")
         write_jsonl(result.tie_rows, path)
-        console.print(f"wrote {len(result.tie_rows)} ties to {path}", highlight=False)
+        console.print(f"wrote {_n(len(result.tie_rows), 'tie')} to {path}", highlight=False)
     elif ties_file is not None:
         raise PreftuneError("--ties-file is only used with --ties separate", field="ties_file")
 
