@@ -13,6 +13,7 @@ Command line::
 from __future__ import annotations
 
 import argparse
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -38,11 +39,12 @@ _CORPUS = [
 ]
 
 
-def build_tiny_tokenizer(*, vocab_size: int = 384) -> Any:
+def build_tiny_tokenizer(*, vocab_size: int = 384, texts: Iterable[str] | None = None) -> Any:
     """A byte-level BPE tokenizer (any text encodes; no unknown tokens) with pad/bos/eos and a chat template.
 
     The tokenizer prepends ``<s>`` to every encoded text (like Llama) and the chat template ends each
-    turn with ``</s>``.
+    turn with ``</s>``. The merges are learnt from ``texts`` (the demo passes its corpus), else from a
+    few built-in lines.
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
@@ -56,7 +58,7 @@ def build_tiny_tokenizer(*, vocab_size: int = 384) -> Any:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(_CORPUS * 4, trainer=trainer)
+    tok.train_from_iterator(_CORPUS * 4 if texts is None else texts, trainer=trainer)
     bos_id = tok.token_to_id(BOS)
     tok.post_processor = processors.TemplateProcessing(
         single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, bos_id)]
@@ -67,11 +69,13 @@ def build_tiny_tokenizer(*, vocab_size: int = 384) -> Any:
 
 
 def build_tiny_model(tokenizer: Any, *, hidden_size: int = 64, num_layers: int = 2, seed: int = 0,
-                     attention_dropout: float = 0.0, max_positions: int = 512) -> Any:
+                     attention_dropout: float = 0.0, max_positions: int = 512, num_heads: int = 4,
+                     num_kv_heads: int = 2, intermediate_size: int | None = None,
+                     tie_word_embeddings: bool = False) -> Any:
     """A randomly initialised Llama-style causal LM: ``num_layers`` layers of width ``hidden_size``.
 
-    4 attention heads with 2 key/value heads (grouped-query attention, as in current Llama models),
-    MLP width 2 x hidden. Initialisation is seeded by ``seed`` without touching the global RNG.
+    By default 4 attention heads with 2 key/value heads (grouped-query attention, as in current Llama
+    models) and MLP width 2 x hidden. Initialisation is seeded by ``seed`` without touching the global RNG.
     """
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -79,16 +83,16 @@ def build_tiny_model(tokenizer: Any, *, hidden_size: int = 64, num_layers: int =
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=hidden_size,
-        intermediate_size=2 * hidden_size,
+        intermediate_size=intermediate_size or 2 * hidden_size,
         num_hidden_layers=num_layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads,
         max_position_embeddings=max_positions,
         attention_dropout=attention_dropout,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=False,
+        tie_word_embeddings=tie_word_embeddings,
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
