@@ -89,3 +89,47 @@ def interval_plot(names: Sequence[str], values: Sequence[float], low: Sequence[f
     ax.set_title(title)
     ax.grid(axis="x", alpha=0.3)
     return save(fig, path)
+
+
+def win_rate_intervals(names: Sequence[str], series: Mapping[str, Sequence[tuple[float, float | None, float | None]]],
+                       path: str | Path, *, title: str = "") -> Path:
+    """Win rates with 95% interval bars: one row per name, one marker per series (e.g. per judge), and a
+    dashed line at 0.5 (no better than the baseline)."""
+    plt = _pyplot()
+    n, k = len(names), max(len(series), 1)
+    fig, ax = plt.subplots(figsize=(7.0, 1.4 + 0.55 * n * k ** 0.5))
+    colors = ("#1565c0", "#ef6c00", "#6a1b9a", "#2e7d32")
+    for s, (label, points) in enumerate(series.items()):
+        ys = [n - 1 - i + (0.15 * (k - 1) / 2 - 0.15 * s) for i in range(n)]
+        values = [p[0] for p in points]
+        err = [[p[0] - (p[1] if p[1] is not None else p[0]) for p in points],
+               [(p[2] if p[2] is not None else p[0]) - p[0] for p in points]]
+        ax.errorbar(values, ys, xerr=err, fmt="o", capsize=4, color=colors[s % len(colors)], label=label)
+    ax.axvline(0.5, color="#9e9e9e", linestyle="--", linewidth=1)
+    ax.set_yticks(list(range(n))[::-1], names)
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("win rate against the baseline (ties count half)")
+    ax.set_title(title, fontsize="medium")
+    ax.grid(axis="x", alpha=0.3)
+    ax.legend(fontsize="small", frameon=False, loc="lower left")
+    return save(fig, path)
+
+
+def training_curves(panels: Mapping[str, Mapping[str, tuple[Sequence[float], Sequence[float]]]],
+                    path: str | Path, *, columns: int = 3) -> Path:
+    """A grid of line plots: panel title -> series name -> (steps, values)."""
+    plt = _pyplot()
+    n = max(len(panels), 1)
+    rows = (n + columns - 1) // columns
+    fig, axes = plt.subplots(rows, columns, figsize=(4.0 * columns, 2.8 * rows), squeeze=False)
+    for ax, (title, series) in zip(axes.flat, panels.items(), strict=False):
+        for name, (steps, values) in series.items():
+            ax.plot(steps, values, marker="." if len(steps) < 30 else None, label=name)
+        ax.set_title(title, fontsize="medium")
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        if len(series) > 1:
+            ax.legend(fontsize="small", frameon=False)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    return save(fig, path)

@@ -1,9 +1,53 @@
-"""`preftune demo` (being written; see the module's issue)."""
+"""`preftune demo`: the offline Shakespeare preference-tuning pipeline (what `make demo` runs)."""
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
 import typer
+
+from preftune.cli._common import console, handle_errors
+
+
+@handle_errors
+def demo(
+    output: Path = typer.Option(Path("demo_output"), "--output", "-o", help="Run directory (report.html, summary.json, ...)."),
+    quick: bool = typer.Option(False, "--quick", help="Smaller everything: about a minute (what the tests run)."),
+    fresh: bool = typer.Option(False, "--fresh", help="Delete OUTPUT first and run every stage again."),
+    until: str = typer.Option(None, "--until", help="Stop after this stage (corpus, base, sft, preferences, "
+                                                    "reward, dpo, orpo, evaluate, report)."),
+    cache_dir: Path = typer.Option(None, "--cache-dir",
+                                   help="Where the base model and reference log-probs are cached "
+                                        "(default: $PREFTUNE_CACHE or ~/.cache/preftune)."),
+) -> None:
+    """Preference tuning end to end on Shakespeare, offline, on a CPU: a base model trained from scratch,
+    SFT, simulated annotators, a reward model, DPO and ORPO, and a report comparing them with SFT.
+
+    An interrupted run continues from its last finished stage when the same command runs again.
+    """
+    from preftune.demo.pipeline import Demo
+    from preftune.demo.settings import preset
+
+    if fresh and output.exists():
+        shutil.rmtree(output)
+    run = Demo(output, preset(quick), cache_dir=cache_dir,
+               log=lambda message: console.print(f"[bold cyan]demo[/] {message}", highlight=False))
+    summary = run.run(until=until)
+    if summary is None:
+        return
+    console.print()
+    for method, judges in summary["methods"].items():
+        g = judges["ground_truth"]
+        lo, hi = g["win_rate_ci"] or (float("nan"), float("nan"))
+        console.print(f"[bold]{method.upper():5}[/] vs SFT (ground-truth judge): W/T/L {g['wins']}/{g['ties']}/"
+                      f"{g['losses']}, win rate [bold]{g['win_rate']:.2f}[/] (95% CI {lo:.2f}-{hi:.2f})")
+    rm = summary["reward_model"]
+    console.print(f"[bold]reward model[/] held-out accuracy {rm['accuracy_vs_ground_truth']:.2f} "
+                  f"(vs ground truth), {rm['accuracy_vs_labels']:.2f} (vs the annotators' labels)")
+    console.print(f"total {sum(summary['seconds'].values()):.0f} s; report: [bold]{output / 'report.html'}[/]")
 
 
 def register(app: typer.Typer) -> None:
-    """Add this module's commands to the root app."""
+    """Add `preftune demo` to the root app."""
+    app.command(name="demo")(demo)

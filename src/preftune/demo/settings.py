@@ -1,0 +1,84 @@
+"""The demo's settings: one dataclass, two presets (the default run and ``--quick``).
+
+Every number that shapes the run is here, so the report can print them and a changed setting is
+noticed when a run directory is reused (``fingerprint``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+# Bump when a stage's recipe changes in a way the settings do not show, so cached base models are rebuilt.
+RECIPE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class DemoSettings:
+    works: tuple[str, ...] | None = None   # corpus files to use (None = all shipped)
+    seed: int = 0
+    # tokenizer and base language model (trained from scratch on the corpus with `train sft` on {text} rows)
+    vocab_size: int = 2048
+    hidden_size: int = 128
+    num_layers: int = 4
+    base_block_chars: int = 400            # a base-LM row: consecutive speeches up to this many characters
+    base_max_length: int = 160
+    base_steps: int = 600
+    base_batch_size: int = 16
+    base_learning_rate: float = 4e-3
+    # SFT on (prefix -> continuation of 1..sft_max_lines lines) pairs
+    sft_examples: int = 2000
+    sft_max_lines: int = 6
+    sft_steps: int = 80
+    sft_learning_rate: float = 1e-3
+    # preference data: K completions per prefix from the SFT model, pairs labelled by the panel
+    pref_prompts: int = 400
+    val_prompts: int = 40                  # held-out prefixes for the reward model's accuracy
+    completions_per_prompt: int = 4
+    pairs_per_prompt: int = 3              # pairs drawn from the K-choose-2 of each prompt
+    second_opinion: float = 0.2            # fraction of pairs labelled by two annotators
+    # sampling (preference data and evaluation)
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_k: int = 50
+    generate_batch_size: int = 64
+    # preference training
+    reward_steps: int = 120
+    reward_learning_rate: float = 3e-4
+    dpo_beta: float = 0.1
+    dpo_learning_rate: float = 2e-4
+    orpo_beta: float = 0.5
+    orpo_learning_rate: float = 2e-4
+    pref_epochs: float = 2.0
+    pref_batch_size: int = 16
+    # evaluation: A, B, C, ... completions for each held-out prefix
+    eval_prompts: int | None = None        # None = every prefix of corpus/heldout_prefixes.txt
+    eval_completions: int = 3
+    n_bootstrap: int = 1000
+    methods: tuple[str, ...] = ("dpo", "orpo")
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @property
+    def fingerprint(self) -> str:
+        text = json.dumps({**self.to_dict(), "recipe": RECIPE_VERSION}, sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+DEFAULT = DemoSettings()
+
+QUICK = replace(
+    DEFAULT,
+    works=("sonnets", "hamlet"),
+    vocab_size=512, hidden_size=64, num_layers=2, base_steps=60, base_max_length=96, base_learning_rate=5e-3,
+    sft_examples=240, sft_steps=20, pref_prompts=48, val_prompts=12, pairs_per_prompt=2, max_new_tokens=32,
+    reward_steps=20, pref_epochs=1.0, pref_batch_size=8, eval_prompts=8, n_bootstrap=200,
+)
+
+
+def preset(quick: bool) -> DemoSettings:
+    return QUICK if quick else DEFAULT

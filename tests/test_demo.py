@@ -1,0 +1,130 @@
+"""`preftune demo --quick`: the whole pipeline end to end (tiny settings), its files, resume and errors.
+
+One quick run is shared by the module (it takes well under a minute on a 2-core CPU); the tests read
+its output directory and run the demo again where they need to.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from preftune.cli import app
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, str]:
+    root = tmp_path_factory.mktemp("demo")
+    out, cache = root / "out", root / "cache"
+    result = runner.invoke(app, ["demo", "--quick", "--output", str(out), "--cache-dir", str(cache)])
+    assert result.exit_code == 0, result.output
+    return out, cache, result.output
+
+
+def test_quick_demo_writes_the_report_and_summary(quick_run):
+    out, _, output = quick_run
+    for name in ("report.md", "report.html", "summary.json", "plots/win_rates.png", "plots/training.png",
+                 "plots/lengths.png", "plots/wtl.png", "preferences/train.jsonl", "preferences/pairs.jsonl",
+                 "eval/sft.jsonl", "eval/dpo.jsonl", "eval/orpo.jsonl", "dpo/final/config.json"):
+        assert (out / name).is_file(), name
+    summary = json.loads((out / "summary.json").read_text())
+    for method in ("dpo", "orpo"):
+        for judge in ("ground_truth", "reward_model"):
+            r = summary["methods"][method][judge]
+            n = r["wins"] + r["ties"] + r["losses"]
+            assert n == summary["eval_prompts"] * summary["completions_per_prompt"]
+            assert r["win_rate"] == pytest.approx((r["wins"] + r["ties"] / 2) / n)
+            lo, hi = r["win_rate_ci"]
+            assert 0 <= lo <= r["win_rate"] <= hi <= 1
+    rm = summary["reward_model"]
+    assert rm["heldout_pairs"] > 0 and 0 <= rm["accuracy_vs_ground_truth"] <= 1
+    assert set(summary["seconds"]) >= {"corpus", "base", "sft", "preferences", "reward", "dpo", "orpo", "evaluate"}
+    assert "win rate" in output and "report.html" in output
+
+
+def test_report_shows_the_course_table_and_embeds_its_plots(quick_run):
+    out, _, _ = quick_run
+    md = (out / "report.md").read_text()
+    assert "O, what a noble mind is here o'erthrown!" in md        # the course's first prefix
+    assert "![Win rates" in md and "plots/win_rates.png" in md
+    html = (out / "report.html").read_text()
+    assert html.count('src="data:image/png;base64,') == md.count("![")  # self-contained
+    assert "<table>" in html
+
+
+def test_generations_pair_the_models_on_the_same_prompts_and_ids(quick_run):
+    out, _, _ = quick_run
+    keys = {}
+    for name in ("sft", "dpo", "orpo"):
+        rows = [json.loads(line) for line in (out / "eval" / f"{name}.jsonl").read_text().splitlines()]
+        keys[name] = [(r["prompt_id"], r["completion_id"], r["prompt"]) for r in rows]
+    assert keys["sft"] == keys["dpo"] == keys["orpo"]
+    assert {k[1] for k in keys["sft"]} == {"A", "B", "C"}
+
+
+def test_preference_data_trains_and_has_annotators(quick_run):
+    out, _, _ = quick_run
+    rows = [json.loads(line) for line in (out / "preferences" / "train.jsonl").read_text().splitlines()]
+    assert rows and all(r["chosen"].strip() and r["rejected"].strip() and r["chosen"] != r["rejected"] for r in rows)
+    assert len({r["annotator"] for r in rows}) > 1
+    stats = json.loads((out / "stages" / "preferences.json").read_text())["train"]
+    assert stats["labels"] == len(rows)
+
+
+def test_a_second_run_skips_every_finished_stage(quick_run):
+    out, cache, _ = quick_run
+    before = json.loads((out / "summary.json").read_text())
+    result = runner.invoke(app, ["demo", "--quick", "--output", str(out), "--cache-dir", str(cache)])
+    assert result.exit_code == 0, result.output
+    assert result.output.count("done in an earlier run") == len(before["seconds"]) + 1  # + the report stage
+    assert json.loads((out / "summary.json").read_text()) == before
+
+
+def test_an_interrupted_run_resumes_from_the_last_finished_stage(quick_run, tmp_path, monkeypatch):
+    """Stop the run inside the reward stage; the next run skips corpus..preferences and finishes."""
+    out, cache, _ = quick_run
+    copy = tmp_path / "out"
+    shutil.copytree(out, copy)
+    for stage in ("reward", "dpo", "orpo", "evaluate", "report"):
+        (copy / "stages" / f"{stage}.json").unlink()
+    from preftune.demo import pipeline
+
+    original = pipeline.Demo.stage_reward
+
+    def interrupted(self):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline.Demo, "stage_reward", interrupted)
+    result = runner.invoke(app, ["demo", "--quick", "--output", str(copy), "--cache-dir", str(cache)])
+    assert result.exit_code != 0
+    assert not (copy / "stages" / "reward.json").exists()
+    monkeypatch.setattr(pipeline.Demo, "stage_reward", original)
+    result = runner.invoke(app, ["demo", "--quick", "--output", str(copy), "--cache-dir", str(cache)])
+    assert result.exit_code == 0, result.output
+    assert result.output.count("done in an earlier run") == 4   # corpus, base, sft, preferences
+    assert (copy / "stages" / "report.json").is_file()
+
+
+def test_a_new_run_directory_reuses_the_cached_base_model(quick_run, tmp_path):
+    out, cache, _ = quick_run
+    other = tmp_path / "other"
+    result = runner.invoke(app, ["demo", "--quick", "--until", "base", "--output", str(other), "--cache-dir", str(cache)])
+    assert result.exit_code == 0, result.output
+    assert "reusing" in result.output and "stopped after stage base" in result.output
+    marker = json.loads((other / "stages" / "base.json").read_text())
+    assert marker["cached"] is True
+    assert marker["model"] == json.loads((out / "stages" / "base.json").read_text())["model"]
+    assert not (other / "stages" / "sft.json").exists()
+
+
+def test_a_directory_with_other_settings_is_refused(quick_run):
+    out, cache, _ = quick_run
+    result = runner.invoke(app, ["demo", "--output", str(out), "--cache-dir", str(cache)])  # default settings
+    assert result.exit_code == 1
+    assert "holds a demo run with other settings" in result.output and "--fresh" in result.output
