@@ -311,6 +311,25 @@ def test_export_rows_ties_and_skips() -> None:
         preference_rows(_labels(rows), ties="maybe")
 
 
+def test_export_leaves_out_empty_responses_so_the_file_trains(tmp_path: Path) -> None:
+    """A generated completion can be empty (the model ended at once). Pair 1 has an empty response_b:
+    'a' (A1 over '') and 'b' ('' over A1) are both left out and counted, and so is a kept tie on it;
+    pair 2 exports normally. The exported file then loads with the preference loader."""
+    from dataclasses import replace
+
+    from preftune.annotate.export import write_jsonl as export_jsonl
+    from preftune.data import load_preferences
+
+    labels = [replace(lab, response_b="") if lab.pair_id == "1" else lab
+              for lab in _labels([("1", "x", "a"), ("1", "y", "b"), ("1", "z", "tie"), ("2", "x", "b")])]
+    out = preference_rows(labels, ties="keep")
+    assert [(r["pair_id"], r["chosen"], r["rejected"]) for r in out.rows] == [("2", "B2", "A2")]
+    assert out.counts["empty_response"] == 3 and out.counts["preferences"] == 3 and out.counts["ties"] == 1
+    export_jsonl(out.rows, tmp_path / "prefs.jsonl")
+    pairs, report = load_preferences(tmp_path / "prefs.jsonl")
+    assert [p.chosen for p in pairs] == ["B2"] and report.problems == []
+
+
 def test_export_min_agreement() -> None:
     """Pair 1: a, b -> agreement 1/2; pair 2: a, a, b -> 2/3; pair 3: b -> 1.
     --min-agreement 0.6 keeps pairs 2 and 3 (4 rows); adding --min-labels 2 keeps pair 2 only."""

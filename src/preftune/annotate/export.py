@@ -12,6 +12,10 @@ response_a the chosen one, "b" response_b. Skips are never exported. Ties:
 ``min_agreement`` keeps only pairs whose answers agree enough: the share of a pair's answers (skips
 left out) that equal its most common answer, e.g. 2 of 3 -> 0.667. ``min_labels`` asks for at least
 that many answers per pair. Pairs that fail either test are left out whole, and counted.
+
+A preference (or kept tie) whose chosen or rejected text is empty -- a generated completion can be
+empty when the model ends at once -- is left out and counted as ``empty_response``: the data loader
+rejects empty text, so such a row would stop `preftune train` on the exported file.
 """
 
 from __future__ import annotations
@@ -64,7 +68,9 @@ def preference_rows(labels: Sequence[Label], *, ties: str = "drop", min_agreemen
             counts["left_out_by_agreement"] += 1
         elif lab.choice == "tie":
             counts["ties"] += 1
-            if ties == "keep":
+            if ties == "keep" and not (lab.response_a.strip() and lab.response_b.strip()):
+                counts["empty_response"] += 1
+            elif ties == "keep":
                 rows.append({"prompt": lab.prompt, "chosen": lab.response_a, "rejected": lab.response_b,
                              "tie": True, **base})
             elif ties == "separate":
@@ -73,8 +79,11 @@ def preference_rows(labels: Sequence[Label], *, ties: str = "drop", min_agreemen
         else:
             chosen, rejected = ((lab.response_a, lab.response_b) if lab.choice == "a"
                                 else (lab.response_b, lab.response_a))
-            rows.append({"prompt": lab.prompt, "chosen": chosen, "rejected": rejected, **base})
             counts["preferences"] += 1
+            if not (chosen.strip() and rejected.strip()):
+                counts["empty_response"] += 1
+                continue
+            rows.append({"prompt": lab.prompt, "chosen": chosen, "rejected": rejected, **base})
     counts["pairs_left_out_by_agreement"] = len(failing)
     counts["rows"] = len(rows)
     counts["tie_rows"] = len(tie_rows)

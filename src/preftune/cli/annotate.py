@@ -115,6 +115,9 @@ def export(
                   f"{_n(c.get('left_out_by_agreement', 0), 'label')} on "
                   f"{_n(c['pairs_left_out_by_agreement'], 'pair')} left out by --min-agreement/--min-labels",
                   highlight=False)
+    if c.get("empty_response"):
+        console.print(f"note: {_n(c['empty_response'], 'label')} left out because the chosen or rejected text "
+                      "is empty (the data loader rejects empty text)", highlight=False)
     if ties == "separate":
         path = ties_file or output.with_name(output.name.removesuffix(".jsonl") + ".ties.jsonl")
         write_jsonl(result.tie_rows, path)
