@@ -1,0 +1,274 @@
+"""The arithmetic of online RLHF as pure functions of tensors: KL estimators, KL-shaped rewards, KL
+controllers, advantages (GAE, leave-one-out, batch mean), whitening, PPO's clipped losses, statistics.
+
+The objective every online method in ``preftune.train`` climbs is the KL-regularised reward
+(Ziegler et al. 2019, Eq. 2; Ouyang et al. 2022, Eq. 2 without the ptx term)::
+
+    max_pi  E_{x ~ D, y ~ pi(.|x)} [ r(x, y) ]  -  beta * KL( pi(.|x) || pi_ref(.|x) )
+
+Shapes and conventions:
+
+* Token tensors are ``[B, T]`` over the response tokens of B sequences; ``mask`` is 1 on real response
+  tokens and 0 on padding (responses are right-padded, so each row's mask is a prefix of ones).
+* ``logps`` are per-token log-probabilities ``log pi(y_t | x, y_<t)`` of the sampled tokens.
+* Hyperparameters are keyword-only; functions return per-element values and the caller reduces.
+
+Only torch is imported, so ``import preftune.rl`` stays light.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "KL_ESTIMATORS",
+    "AdaptiveKLController",
+    "FixedKLController",
+    "approx_kl",
+    "clip_fraction",
+    "clipped_value_loss",
+    "gae",
+    "kl_k1",
+    "kl_k3",
+    "kl_penalty",
+    "leave_one_out_advantages",
+    "masked_mean",
+    "masked_var",
+    "mean_baseline_advantages",
+    "ppo_policy_loss",
+    "sequence_entropy_estimate",
+    "shaped_rewards",
+    "whiten",
+]
+
+
+# --------------------------------------------------------------------------------------------- masks
+
+
+def masked_mean(x: Tensor, mask: Tensor | None = None, dim: int | None = None) -> Tensor:
+    """Mean of ``x`` over the positions where ``mask`` is 1 (all positions when mask is None)."""
+    if mask is None:
+        return x.mean() if dim is None else x.mean(dim)
+    mask = mask.to(x.dtype)
+    if dim is None:
+        return (x * mask).sum() / mask.sum().clamp(min=1)
+    return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
+
+
+def masked_var(x: Tensor, mask: Tensor | None = None, *, unbiased: bool = True) -> Tensor:
+    """Variance of ``x`` over the masked positions; ``unbiased`` divides by n - 1 (Bessel)."""
+    if mask is None:
+        mask = torch.ones_like(x)
+    mask = mask.to(x.dtype)
+    n = mask.sum()
+    centred = (x - masked_mean(x, mask)) * mask
+    var = (centred ** 2).sum() / n.clamp(min=1)
+    if unbiased and n > 1:
+        var = var * n / (n - 1)
+    return var
+
+
+def whiten(x: Tensor, mask: Tensor | None = None, *, shift_mean: bool = True, eps: float = 1e-8) -> Tensor:
+    """``(x - mean) / sqrt(var + eps)`` over the masked positions (0 elsewhere); with
+    ``shift_mean=False`` the mean is added back (only the scale changes), as PPO does for rewards
+    (Ziegler et al. 2019's code, ``lm_human_preferences``; TRL ``whiten``)."""
+    mean, var = masked_mean(x, mask), masked_var(x, mask)
+    out = (x - mean) * torch.rsqrt(var + eps)
+    if not shift_mean:
+        out = out + mean
+    return out if mask is None else out * mask.to(x.dtype)
+
+
+# --------------------------------------------------------------------------------------------- KL
+
+
+def kl_k1(logps: Tensor, ref_logps: Tensor) -> Tensor:
+    """k1 = log pi(y_t) - log pi_ref(y_t): unbiased for KL(pi || pi_ref) under y ~ pi, high variance,
+    can be negative per sample (Schulman 2020, "Approximating KL Divergence", k1)."""
+    return logps - ref_logps  # Schulman 2020, k1 = -log r with r = pi_ref / pi
+
+
+def kl_k3(logps: Tensor, ref_logps: Tensor) -> Tensor:
+    """k3 = (r - 1) - log r with r = pi_ref(y_t) / pi(y_t): unbiased, low variance and never negative
+    (Schulman 2020, "Approximating KL Divergence", k3)."""
+    log_r = ref_logps - logps
+    return torch.expm1(log_r) - log_r  # Schulman 2020, k3 = (r - 1) - log r
+
+
+KL_ESTIMATORS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {"k1": kl_k1, "k3": kl_k3}
+
+
+def kl_penalty(logps: Tensor, ref_logps: Tensor, *, estimator: str = "k1") -> Tensor:
+    """Per-token KL estimate with the estimator named in :data:`KL_ESTIMATORS` (k1 or k3)."""
+    try:
+        fn = KL_ESTIMATORS[estimator]
+    except KeyError:
+        raise ValueError(f"unknown KL estimator {estimator!r}; valid: {', '.join(KL_ESTIMATORS)}") from None
+    return fn(logps, ref_logps)
+
+
+def shaped_rewards(scores: Tensor, kl: Tensor, mask: Tensor, *, kl_coef: float) -> Tensor:
+    """Per-token rewards ``-beta * kl_t`` plus the score ``r(x, y)`` at the last response token.
+
+    ``R_t = -beta * KL_t + [t = last] * r(x, y)`` (Ziegler et al. 2019, Eq. 2, spread over the tokens as
+    in their code; Ouyang et al. 2022, Eq. 2). Summed over t it is the
+    sequence-level KL-regularised reward ``r(x, y) - beta * sum_t KL_t`` that RLOO and RAFT use.
+
+    Args:
+        scores: [B] one score per sequence.
+        kl: [B, T] per-token KL estimates (``kl_penalty``).
+        mask: [B, T] 1 on response tokens; each row needs at least one.
+    """
+    mask = mask.to(kl.dtype)
+    lengths = mask.sum(-1).long()
+    if bool((lengths == 0).any()):
+        raise ValueError("every sequence needs at least one response token")
+    rewards = -kl_coef * kl * mask  # Ziegler et al. 2019, Eq. 2: the -beta log(pi/pi_ref) term per token
+    rows = torch.arange(kl.shape[0], device=kl.device)
+    rewards[rows, lengths - 1] += scores.to(kl.dtype)  # the reward model's score at the last token
+    return rewards
+
+
+@dataclass
+class FixedKLController:
+    """A constant KL coefficient beta."""
+
+    value: float
+
+    def update(self, current_kl: float, n_steps: int) -> float:
+        return self.value
+
+
+@dataclass
+class AdaptiveKLController:
+    """The adaptive KL controller of Ziegler et al. 2019 (a proportional controller on log beta)::
+
+        e_t      = clip(KL_t / KL_target - 1, -0.2, 0.2)
+        beta_t+1 = beta_t * (1 + K_beta * e_t)       with  K_beta = n_steps / horizon
+
+    ``KL_t`` is the mean sequence KL of the latest rollout and ``n_steps`` its number of sequences
+    (their code and TRL take ``K_beta`` this way, so ``horizon`` is counted in sequences). A KL above
+    the target raises beta, one below lowers it; the clip bounds each step's change.
+    """
+
+    value: float
+    target: float
+    horizon: float = 10000.0
+
+    def update(self, current_kl: float, n_steps: int) -> float:
+        error = min(max(current_kl / self.target - 1.0, -0.2), 0.2)  # Ziegler et al. 2019: e_t
+        self.value *= 1.0 + error * n_steps / self.horizon          # Ziegler et al. 2019: beta_t+1
+        return self.value
+
+
+# --------------------------------------------------------------------------------------------- advantages
+
+
+def gae(rewards: Tensor, values: Tensor, mask: Tensor, *, gamma: float = 1.0,
+        lam: float = 0.95) -> tuple[Tensor, Tensor]:
+    """Generalised advantage estimation (Schulman et al. 2016) over the response tokens, in the
+    truncated form of the PPO paper (Schulman et al. 2017, Eqs. 11-12)::
+
+        delta_t = r_t + gamma * V_{t+1} - V_t              (Eq. 12)
+        A_t     = sum_l (gamma lam)^l delta_{t+l}          (Eq. 11) = delta_t + gamma lam A_{t+1}
+
+    computed backwards over t. The episode ends after the
+    last masked token: ``V`` and ``A`` beyond it count as 0. Returns ``(advantages, returns)``, both
+    [B, T] and 0 where ``mask`` is 0; ``returns = A + V`` are the value targets (TD(lambda) returns).
+    """
+    mask = mask.to(values.dtype)
+    values = values * mask
+    rewards = rewards * mask
+    advantages = torch.zeros_like(values)
+    next_advantage = torch.zeros_like(values[:, 0])
+    next_value = torch.zeros_like(values[:, 0])
+    for t in reversed(range(values.shape[1])):
+        delta = rewards[:, t] + gamma * next_value - values[:, t]          # Schulman et al. 2017, Eq. 12
+        next_advantage = (delta + gamma * lam * next_advantage) * mask[:, t]  # Schulman et al. 2017, Eq. 11
+        advantages[:, t] = next_advantage
+        next_value = values[:, t]
+    return advantages, (advantages + values) * mask
+
+
+def leave_one_out_advantages(rewards: Tensor, num_samples: int) -> Tensor:
+    """RLOO: each of the K samples of a prompt is baselined by the mean reward of the other K - 1.
+
+    ``A_i = R_i - 1/(K-1) sum_{j != i} R_j = K/(K-1) * (R_i - mean_j R_j)`` (Kool et al. 2019,
+    "Buy 4 REINFORCE samples, get a baseline for free!"; Ahmadian et al. 2024, "Back to Basics", RLOO).
+    Each sample's baseline is independent of the sample itself, so the gradient stays unbiased.
+
+    Args:
+        rewards: [P * K] sequence rewards, the K samples of each prompt contiguous.
+    """
+    k = num_samples
+    if k < 2:
+        raise ValueError(f"the leave-one-out baseline needs num_samples >= 2, got {k}")
+    if rewards.numel() % k:
+        raise ValueError(f"{rewards.numel()} rewards do not split into groups of {k}")
+    grouped = rewards.reshape(-1, k)
+    baseline = (grouped.sum(-1, keepdim=True) - grouped) / (k - 1)  # Kool et al. 2019; Ahmadian et al. 2024
+    return (grouped - baseline).reshape(rewards.shape)
+
+
+def mean_baseline_advantages(rewards: Tensor) -> Tensor:
+    """REINFORCE with the batch-mean baseline: ``A_i = R_i - mean_j R_j`` (Williams 1992, Sec. 4,
+    a baseline b that does not depend on the action keeps the gradient unbiased)."""
+    return rewards - rewards.mean()  # Williams 1992: (r - b) with b the mean reward of the batch
+
+
+# --------------------------------------------------------------------------------------------- PPO losses
+
+
+def ppo_policy_loss(logps: Tensor, old_logps: Tensor, advantages: Tensor, *,
+                    clip_range: float = 0.2) -> tuple[Tensor, Tensor]:
+    """PPO's clipped surrogate, negated to a loss (Schulman et al. 2017, Eq. 7)::
+
+        ratio = pi(a) / pi_old(a) = exp(logp - old_logp)
+        loss  = -min(ratio * A, clip(ratio, 1 - eps, 1 + eps) * A) = max(-ratio A, -clip(ratio) A)
+
+    Per element (token for PPO, sequence for RLOO); the caller masks and reduces. With
+    ``old_logps == logps.detach()`` the ratio is 1 and the gradient is ``-A * grad logp``, REINFORCE's.
+    Returns ``(losses, ratio)``; ratio is detached.
+    """
+    ratio = torch.exp(logps - old_logps)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
+    return torch.maximum(unclipped, clipped), ratio.detach()  # Schulman et al. 2017, Eq. 7
+
+
+def clipped_value_loss(values: Tensor, old_values: Tensor, returns: Tensor, *,
+                       clip_range: float = 0.2) -> tuple[Tensor, Tensor]:
+    """The value loss with PPO's clipping of the value change (the OpenAI baselines ``ppo2`` loss;
+    studied by Andrychowicz et al. 2021, "What Matters in On-Policy RL", Sec. 3.3)::
+
+        V_clip = V_old + clip(V - V_old, -eps_v, eps_v)
+        loss   = 1/2 * max((V - G)^2, (V_clip - G)^2)
+
+    Returns ``(losses, clipped)``: per element, and 1.0 where the clipped term was the larger one.
+    """
+    clipped_values = old_values + torch.clamp(values - old_values, -clip_range, clip_range)
+    unclipped_loss = (values - returns) ** 2
+    clipped_loss = (clipped_values - returns) ** 2
+    losses = 0.5 * torch.maximum(unclipped_loss, clipped_loss)
+    return losses, (clipped_loss > unclipped_loss).to(values.dtype).detach()
+
+
+def approx_kl(logps: Tensor, old_logps: Tensor) -> Tensor:
+    """``1/2 (logp - old_logp)^2`` per element: the k2 estimate of KL(pi_old || pi) that PPO
+    implementations log as ``policy/approxkl`` (Schulman 2020, "Approximating KL Divergence", k2)."""
+    return 0.5 * (logps - old_logps).detach() ** 2
+
+
+def clip_fraction(ratio: Tensor, *, clip_range: float) -> Tensor:
+    """1.0 where ``|ratio - 1| > eps`` (the clip is active), else 0.0; its mean is ``policy/clipfrac``."""
+    return ((ratio - 1.0).abs() > clip_range).to(ratio.dtype)
+
+
+def sequence_entropy_estimate(logps: Tensor, mask: Tensor) -> Tensor:
+    """``-sum_t log pi(y_t)`` per sequence: a one-sample estimate of the sequence entropy H(pi(.|x))
+    (its expectation under y ~ pi is the entropy), logged as ``objective/entropy``."""
+    return -(logps * mask.to(logps.dtype)).sum(-1)
