@@ -26,7 +26,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from preftune.errors import PreftuneError
 
@@ -43,6 +43,8 @@ def opt(default: Any, help: str, *, choices: tuple[str, ...] | None = None) -> A
 @dataclass
 class TrainConfig:
     """Keys shared by every training command."""
+
+    requires_data: ClassVar[bool] = True  # online methods may take their prompts in memory instead
 
     model: str = opt("", "model to start from: a Hugging Face hub id or a local directory (required)")
     data: str = opt("", "training data: a JSONL/JSON/CSV/Parquet file or a hub dataset id (required)")
@@ -89,7 +91,8 @@ class TrainConfig:
         """Checks that need more than one key or a range; raise PreftuneError naming the key."""
         check_choices(self)
         _require(self, "model", bool(self.model), "is required: a hub id or a local model directory")
-        _require(self, "data", bool(self.data), "is required: a data file or a hub dataset id")
+        if self.requires_data:
+            _require(self, "data", bool(self.data), "is required: a data file or a hub dataset id")
         _require(self, "learning_rate", self.learning_rate > 0, "must be > 0")
         _require(self, "batch_size", self.batch_size >= 1, "must be >= 1")
         _require(self, "grad_accum", self.grad_accum >= 1, "must be >= 1")
@@ -204,6 +207,7 @@ class DPOConfig(PairConfig):
         return hparams
 
 
+# command -> config class; preftune.config_online adds ppo, rloo and raft (imported at the end of this module)
 CONFIGS: dict[str, type[TrainConfig]] = {"sft": SFTConfig, "reward": RewardConfig, "dpo": DPOConfig}
 
 
@@ -230,7 +234,10 @@ def keys(cls: type[TrainConfig]) -> list[KeyInfo]:
 
 def _type_name(tp: Any) -> str:
     base, optional = _unwrap_optional(tp)
-    name = {bool: "bool", int: "int", float: "float", str: "str"}.get(base, "mapping")
+    if typing.get_origin(base) is list:
+        name = "list"
+    else:
+        name = {bool: "bool", int: "int", float: "float", str: "str"}.get(base, "mapping")
     return f"{name} | null" if optional else name
 
 
@@ -299,6 +306,16 @@ def coerce(value: Any, tp: Any, *, key: str, from_text: bool) -> Any:
         if isinstance(value, dict):
             return dict(value)
         raise ValueError(f"must be a mapping like {{r: 8}}, not {value!r}")
+    if origin is list:
+        if from_text and isinstance(value, str):
+            value = yaml.safe_load(value)
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"must be a list like [0.1, 0.5], not {value!r}")
+        (inner,) = typing.get_args(base) or (str,)
+        try:
+            return [coerce(v, inner, key=key, from_text=False) for v in value]
+        except ValueError as exc:
+            raise ValueError(f"has an element that {exc}") from None
     raise TypeError(f"config key {key!r} has an unsupported type {tp!r}")  # a bug in this module
 
 
@@ -427,11 +444,13 @@ def _check_key(cls: type[TrainConfig], key: str, names: list[str], where: tuple[
     if key in names:
         return
     command = next((n for n, c in CONFIGS.items() if c is cls), cls.__name__)
+    label = getattr(cls, "command_label", None) or f"train {command}"
     dash = "--" if cli else ""
-    close = [_ALIASES[key]] if key in _ALIASES else difflib.get_close_matches(key, names, n=1, cutoff=0.5)
+    alias = _ALIASES.get(key)
+    close = [alias] if alias in names else difflib.get_close_matches(key, names, n=1, cutoff=0.5)
     hint = f"did you mean {dash}{close[0]}? " if close else ""
-    hint += f"`preftune train keys {command}` lists every key"
-    raise PreftuneError(f"unknown key '{dash}{key}' for `train {command}`", path=where[0], line=where[1],
+    hint += getattr(cls, "keys_hint", None) or f"`preftune train keys {command}` lists every key"
+    raise PreftuneError(f"unknown key '{dash}{key}' for `{label}`", path=where[0], line=where[1],
                         field=key, hint=hint)
 
 
@@ -444,6 +463,11 @@ _ALIASES = {
     "eval_steps": "eval_every", "logging_steps": "log_every", "save_total_limit": "keep_checkpoints",
     "bf16": "mixed_precision", "fp16": "mixed_precision", "torch_dtype": "dtype", "peft": "lora",
     "resume_from_checkpoint": "resume", "ref_model_name_or_path": "ref_model",
+    "init_kl_coef": "kl_coef", "beta": "kl_coef", "kl_penalty": "kl_estimator", "target_kl": "kl_target",
+    "target": "kl_target", "horizon": "kl_horizon", "ppo_epochs": "update_epochs",
+    "num_ppo_epochs": "update_epochs", "cliprange": "clip_range", "cliprange_value": "value_clip_range",
+    "rloo_k": "num_samples", "num_generations": "num_samples", "response_length": "max_new_tokens",
+    "reward_model": "reward", "reward_model_path": "reward", "prompts": "data",
 }
 
 
@@ -537,3 +561,6 @@ def command_of(config: TrainConfig) -> str:
         if type(config) is cls:
             return name
     return type(config).__name__.removesuffix("Config").lower()
+
+
+import preftune.config_online  # noqa: E402, F401  (registers the online methods' configs in CONFIGS)

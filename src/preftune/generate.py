@@ -204,7 +204,7 @@ def sample_next_tokens(logits: Any, *, generators: Sequence[Any], temperature: f
     return torch.stack([torch.multinomial(probs[r], 1, generator=generators[r])[0] for r in range(len(probs))])
 
 
-class _RowSampler:
+class RowSampler:
     """A logits processor that samples each row with its own generator and returns a one-hot choice,
     so that ``generate(do_sample=False)`` (argmax) takes exactly the token drawn here."""
 
@@ -287,7 +287,7 @@ def generate_completions(model: Any, tokenizer: Any, prompts: Sequence[Prompt], 
                 stopping = StoppingCriteriaList([_StopOnStrings(tokenizer, settings.stop, prompt_len)]
                                                 if settings.stop else [])
                 out = model.generate(**enc, generation_config=config, stopping_criteria=stopping,
-                                     logits_processor=LogitsProcessorList([_RowSampler(seeds, settings)]))
+                                     logits_processor=LogitsProcessorList([RowSampler(seeds, settings)]))
                 decoded = tokenizer.batch_decode(out[:, prompt_len:], skip_special_tokens=True)
                 completions.extend(cut_at_stop(t, settings.stop) for t in decoded)
                 advance(len(batch))

@@ -237,13 +237,11 @@ def _score_head(model: Any) -> torch.nn.Module:
     return head
 
 
-def sequence_scores(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Reward r(x, y) of each row: the score head applied to the hidden state of the last real token.
+def token_scores(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """The score head's output at every position, [B, T] (PPO's per-token values V(x, y_<=t)).
 
-    The index comes from ``attention_mask`` (``last_token_index``), not from searching for the pad id as
-    the Hugging Face head does, so it is right for left and right padding and when pad == EOS. The
-    model is still called as a whole (so DDP and peft wrappers work); a hook on the ``score`` head
-    captures its per-token output [B, T, 1]. Returns float32 [B].
+    The model is called as a whole (so DDP and peft wrappers work) with positions from the mask; a
+    hook on the ``score`` head captures its per-token output [B, T, 1] before the model pools it.
     """
     head = _score_head(model)
     captured: list[torch.Tensor] = []
@@ -253,9 +251,19 @@ def sequence_scores(model: Any, input_ids: torch.Tensor, attention_mask: torch.T
               position_ids=position_ids_from_mask(attention_mask), use_cache=False)
     finally:
         handle.remove()
-    per_token = captured[-1]  # [B, T, 1]
+    return captured[-1][..., 0]
+
+
+def sequence_scores(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Reward r(x, y) of each row: the score head applied to the hidden state of the last real token.
+
+    The index comes from ``attention_mask`` (``last_token_index``), not from searching for the pad id as
+    the Hugging Face head does, so it is right for left and right padding and when pad == EOS
+    (``token_scores`` at that index). Returns float32 [B].
+    """
+    per_token = token_scores(model, input_ids, attention_mask)  # [B, T]
     rows = torch.arange(input_ids.shape[0], device=input_ids.device)
-    return per_token[rows, last_token_index(attention_mask).to(input_ids.device), 0].float()
+    return per_token[rows, last_token_index(attention_mask).to(input_ids.device)].float()
 
 
 @torch.no_grad()

@@ -1,4 +1,4 @@
-"""`preftune train sft|reward|dpo CONFIG.yaml [--key value ...]` and `preftune train keys`.
+"""`preftune train sft|reward|dpo|ppo|rloo|raft CONFIG.yaml [--key value ...]` and `preftune train keys`.
 
 Every key of a command's config dataclass (``preftune.config``) can be set in the YAML file or
 overridden on the command line (``--beta 0.2``, ``--lora.r 8``, ``--lora null``); the help of each
@@ -19,6 +19,9 @@ SUMMARIES = {
     "sft": "Supervised fine-tuning on demonstrations ({prompt, completion}, {messages} or {text} rows).",
     "reward": "Train a scalar reward model r(x, y) on preference pairs (Bradley-Terry loss).",
     "dpo": "Train a policy directly on preference pairs: DPO and its family (ipo, cdpo, orpo, simpo, ...).",
+    "ppo": "Online RLHF with PPO: sample, score (reward model or function), KL-shape, GAE, clipped updates.",
+    "rloo": "Online RLHF with REINFORCE: K samples per prompt, the leave-one-out (or batch-mean) baseline.",
+    "raft": "Reward-ranked fine-tuning: sample K per prompt, keep the best (or the top fraction), SFT on them.",
 }
 
 train_app = typer.Typer(
@@ -59,7 +62,7 @@ def _command(name: str):
 
 
 def keys_command(
-    method: str = typer.Argument(None, help="sft, reward or dpo; all when omitted."),
+    method: str = typer.Argument(None, help="sft, reward, dpo, ppo, rloo or raft; all when omitted."),
     markdown: bool = typer.Option(False, "--markdown", help="Print Markdown tables (as in docs/training.md)."),
 ) -> None:
     """List every config key of a training method: type, default and help."""

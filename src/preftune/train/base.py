@@ -1,4 +1,4 @@
-"""The contract between the one training loop and each method (sft, reward, dpo; later ppo, rloo, raft).
+"""The contract between the one training loop and each method (sft, reward, dpo, ppo, rloo, raft).
 
 The loop (`preftune.train.loop`) owns everything generic: accelerate, optimizer, scheduler, gradient
 accumulation, clipping, evaluation, checkpoints with exact resume, metrics.jsonl, trackers, the progress
@@ -20,6 +20,14 @@ bar and saving the final model. A method owns only what is its own:
    then collates them into ``grad_accum`` micro-batches instead. (Refinement by the loop's author:
    returning a list is new; returning None keeps the original contract.)
 6. ``save(model, path)``: write the final model and tokenizer with ``save_pretrained``.
+
+Optional, for online methods (``preftune.train.online``; offline methods define none of them):
+
+* ``updates_per_batch`` (int, default 1): optimizer steps the method takes on each global batch of
+  ``train_items`` (PPO's epochs over a rollout); the loop's plan has that many more steps per epoch.
+* ``state_dict()`` / ``load_state_dict(state)``: what the method keeps between steps (a rollout buffer,
+  an adaptive KL coefficient); saved per process in every checkpoint (``method_state_R.pt``, tensors and
+  plain values only) and restored on resume, so a run resumes exactly in the middle of a rollout.
 """
 
 from __future__ import annotations

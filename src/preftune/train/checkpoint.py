@@ -6,7 +6,11 @@ A checkpoint holds everything the next step depends on:
   python, numpy and torch (CPU and CUDA) of every process, written by ``accelerator.save_state``;
 * ``trainer_state.json``: the step counter, the data plan (examples, global batch, steps per epoch; the
   position in the data is a pure function of the step, see ``loop.batch_indices``) and the metric sums
-  accumulated since the last log line, so a resumed run writes the same metrics.jsonl lines.
+  accumulated since the last log line, so a resumed run writes the same metrics.jsonl lines;
+* ``method_state_R.pt`` (one per process R) when the method has ``state_dict()`` / ``load_state_dict()``:
+  what an online method keeps between steps (its current rollout, the adaptive KL coefficient), so a run
+  interrupted in the middle of a rollout resumes on the same rollout. It holds only tensors and plain
+  Python values and is read with ``torch.load(weights_only=True)``.
 
 A checkpoint is written to ``step-N.tmp`` and renamed when complete, so a run killed while saving never
 leaves a half-written ``step-N`` behind; resume picks the highest complete ``step-N``.
@@ -78,7 +82,8 @@ def find_resume(output_dir: Path, resume: str) -> Path | None:
     return path
 
 
-def save_checkpoint(accelerator: Any, state: TrainerState, output_dir: Path, *, keep: int) -> Path:
+def save_checkpoint(accelerator: Any, state: TrainerState, output_dir: Path, *, keep: int,
+                    method: Any = None) -> Path:
     """Write ``checkpoints/step-{state.step}`` (all processes call this) and delete all but the last ``keep``."""
     final = checkpoint_dir(output_dir, state.step)
     tmp = final.with_name(final.name + ".tmp")
@@ -86,6 +91,11 @@ def save_checkpoint(accelerator: Any, state: TrainerState, output_dir: Path, *, 
         shutil.rmtree(tmp)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
+    if hasattr(method, "state_dict"):
+        import torch
+
+        tmp.mkdir(parents=True, exist_ok=True)
+        torch.save(method.state_dict(), tmp / f"method_state_{accelerator.process_index}.pt")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         (tmp / STATE_FILE).write_text(state.to_json(), encoding="utf-8")
@@ -99,7 +109,16 @@ def save_checkpoint(accelerator: Any, state: TrainerState, output_dir: Path, *, 
     return final
 
 
-def load_checkpoint(accelerator: Any, path: Path) -> TrainerState:
-    """Restore model, optimizer, scheduler and RNG states from ``path``; return the loop's state."""
+def load_checkpoint(accelerator: Any, path: Path, *, method: Any = None) -> TrainerState:
+    """Restore model, optimizer, scheduler, RNG states (and the method's state) from ``path``; return the
+    loop's state."""
     accelerator.load_state(str(path))
+    if hasattr(method, "load_state_dict"):
+        import torch
+
+        saved = Path(path) / f"method_state_{accelerator.process_index}.pt"
+        if not saved.is_file():
+            raise PreftuneError(f"the checkpoint has no {saved.name} (the method's state)", path=str(path),
+                                hint="resume with the same method and number of processes, or set resume: never")
+        method.load_state_dict(torch.load(saved, weights_only=True))
     return TrainerState.from_json((Path(path) / STATE_FILE).read_text(encoding="utf-8"))

@@ -8,6 +8,8 @@ step ``s`` takes positions ``[i*G, (i+1)*G)`` of epoch ``s // steps_per_epoch`` 
 the epoch, ``G = batch_size * grad_accum * num_processes``). The position in the data is therefore a
 pure function of the step, and resuming needs only the step counter, never a replay of a dataloader.
 Items that do not fill a last global batch are left out of that epoch (a different few each epoch).
+An online method that trains several optimizer steps on each global batch of prompts (PPO's epochs over
+a rollout) says so with ``updates_per_batch``; an epoch then has that many times more steps.
 
 Gradient accumulation and normalisation (the arithmetic that makes "batch 8 x accumulation 1" equal
 "batch 1 x accumulation 8", and W processes equal one). Let process ``p`` hold micro-batches
@@ -47,10 +49,12 @@ from preftune.train.checkpoint import TrainerState, find_resume, load_checkpoint
 # ------------------------------------------------------------------------------------------------ data plan
 
 
-def plan_steps(num_items: int, config: TrainConfig, num_processes: int) -> TrainerState:
-    """Global batch, steps per epoch and total steps for ``num_items`` training items."""
+def plan_steps(num_items: int, config: TrainConfig, num_processes: int, *,
+               updates_per_batch: int = 1) -> TrainerState:
+    """Global batch, steps per epoch and total steps for ``num_items`` training items
+    (``updates_per_batch`` optimizer steps on each global batch; 1 for offline methods)."""
     global_batch = config.batch_size * config.grad_accum * num_processes
-    steps_per_epoch = num_items // global_batch
+    steps_per_epoch = num_items // global_batch * updates_per_batch
     if steps_per_epoch == 0:
         raise PreftuneError(
             f"only {num_items} training examples, but one optimizer step needs {global_batch} "
@@ -91,6 +95,9 @@ METHODS = {
     "sft": "preftune.train.sft:SFTMethod",
     "reward": "preftune.train.reward:RewardMethod",
     "dpo": "preftune.train.dpo:DPOMethod",
+    "ppo": "preftune.train.ppo:PPOMethod",
+    "rloo": "preftune.train.rloo:RLOOMethod",
+    "raft": "preftune.train.raft:RAFTMethod",
 }
 
 
@@ -102,6 +109,14 @@ def run(command: str, config: TrainConfig | dict[str, Any] | str | Path, **overr
     """
     import importlib
 
+    config = resolve_config(command, config, **overrides)
+    module, _, name = METHODS[command].partition(":")
+    method = getattr(importlib.import_module(module), name)()
+    return train(method, config)
+
+
+def resolve_config(command: str, config: TrainConfig | dict[str, Any] | str | Path, **overrides: Any) -> Any:
+    """The validated config of ``train COMMAND`` from an instance, a mapping or a YAML path, plus overrides."""
     from preftune.config import CONFIGS, from_mapping, load_config
 
     if command not in METHODS or command not in CONFIGS:
@@ -117,9 +132,7 @@ def run(command: str, config: TrainConfig | dict[str, Any] | str | Path, **overr
         config = from_mapping(cls, {**to_dict(config), **overrides})
     if not isinstance(config, cls):
         raise PreftuneError(f"`train {command}` needs a {cls.__name__}, got {type(config).__name__}")
-    module, _, name = METHODS[command].partition(":")
-    method = getattr(importlib.import_module(module), name)()
-    return train(method, config)
+    return config
 
 
 # ------------------------------------------------------------------------------------------------ the loop
@@ -142,7 +155,8 @@ def train(method: TrainingMethod, config: TrainConfig) -> Path:
         if accelerator.is_main_process:
             write_config(config, out / "config.yaml", command=command_of(config))
         method.setup(RunContext(config=config, accelerator=accelerator, output_dir=out, log=log))
-        state = plan_steps(len(method.train_items), config, accelerator.num_processes)
+        state = plan_steps(len(method.train_items), config, accelerator.num_processes,
+                           updates_per_batch=getattr(method, "updates_per_batch", 1))
         _describe(method, state, config, log)
 
         optimizer = _adamw(method.model, config)
@@ -152,7 +166,7 @@ def train(method: TrainingMethod, config: TrainConfig) -> Path:
 
         resume_from = find_resume(out, config.resume)
         if resume_from is not None:
-            saved = load_checkpoint(accelerator, resume_from)
+            saved = load_checkpoint(accelerator, resume_from, method=method)
             _check_same_plan(saved, state, resume_from)
             state.step, state.pending = saved.step, saved.pending
             log(f"resumed from {resume_from} at step {state.step}")
@@ -179,9 +193,9 @@ def train(method: TrainingMethod, config: TrainConfig) -> Path:
                     accelerator.log(record, step=state.step)
                     log(_format_eval(record))
                 if config.save_every and state.step % config.save_every == 0:
-                    save_checkpoint(accelerator, state, out, keep=config.keep_checkpoints)
+                    save_checkpoint(accelerator, state, out, keep=config.keep_checkpoints, method=method)
                 if step_log["stop"]:
-                    path = save_checkpoint(accelerator, state, out, keep=config.keep_checkpoints)
+                    path = save_checkpoint(accelerator, state, out, keep=config.keep_checkpoints, method=method)
                     log(f"interrupted: saved {path}; run the same command again to continue")
                     raise KeyboardInterrupt
 
@@ -422,7 +436,7 @@ def _describe(method: TrainingMethod, state: TrainerState, config: TrainConfig, 
     params = list(method.model.parameters())
     trainable = sum(p.numel() for p in params if p.requires_grad)
     total = sum(p.numel() for p in params)
-    unused = state.num_items - state.steps_per_epoch * state.global_batch
+    unused = state.num_items % state.global_batch
     log(f"{state.num_items} training items, {len(method.eval_items)} eval items; {state.global_batch} per step "
         f"(batch_size {config.batch_size} x grad_accum {config.grad_accum} x {state.global_batch // (config.batch_size * config.grad_accum)} processes); "
         f"{state.steps_per_epoch} steps per epoch, {state.total_steps} steps")
