@@ -133,3 +133,33 @@ def training_curves(panels: Mapping[str, Mapping[str, tuple[Sequence[float], Seq
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
     return save(fig, path)
+
+
+FRONTIER_MARKERS = {"sft": "*", "dpo": "o", "ppo": "s", "rloo": "^", "raft": "D", "unlikelihood": "v"}
+
+
+def frontier_plot(points: Sequence[Mapping[str, Any]], path: str | Path, *, title: str = "") -> Path:
+    """Mean reward against KL(pi || pi_ref), one marker style per method, the points of a sweep joined in
+    order of KL, standard errors as bars, each point labelled with its swept value (beta=0.1)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7.0, 4.6))
+    methods = list(dict.fromkeys(p["method"] for p in points))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for k, method in enumerate(methods):
+        group = sorted((p for p in points if p["method"] == method), key=lambda p: p["kl"])
+        xs, ys = [p["kl"] for p in group], [p["reward"] for p in group]
+        color = "black" if method == "sft" else colors[k % len(colors)]
+        ax.errorbar(xs, ys, xerr=[p.get("kl_se", 0.0) for p in group], yerr=[p.get("reward_se", 0.0) for p in group],
+                    fmt="-" + FRONTIER_MARKERS.get(method, "o"), color=color, label=method, capsize=2,
+                    markersize=9 if method == "sft" else 6, linewidth=1.2, elinewidth=0.6)
+        for p in group:
+            if p.get("param"):
+                short = {"kl_coef": "kl", "beta": "beta"}.get(p["param"], p["param"])
+                ax.annotate(f"{short}={p['value']:g}", (p["kl"], p["reward"]), textcoords="offset points",
+                            xytext=(4, 4), fontsize=7, color=color)
+    ax.set_xlabel("KL(pi || pi_ref), nats per completion (held-out prompts)")
+    ax.set_ylabel("mean ground-truth reward")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small", frameon=False)
+    return save(fig, path)

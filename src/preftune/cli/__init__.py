@@ -10,7 +10,7 @@ from __future__ import annotations
 import typer
 
 from preftune import __version__
-from preftune.cli import annotate, compare, data, demo, generate, prefs, score, train
+from preftune.cli import annotate, compare, data, demo, experiment, generate, prefs, score, train
 
 app = typer.Typer(
     name="preftune",
@@ -37,7 +37,7 @@ def _root(
     """preftune: generate -> annotate -> train -> compare, in one tool."""
 
 
-for _module in (prefs, data, train, score, generate, compare, annotate, demo):
+for _module in (prefs, data, train, score, generate, compare, experiment, annotate, demo):
     _module.register(app)
 
 
