@@ -128,6 +128,25 @@ def test_greedy_completion_is_the_argmax_continuation_without_the_prompt(lm):
         assert rec["completion"] == tok.decode(new, skip_special_tokens=True)
 
 
+def test_min_new_tokens_keeps_eos_away_until_then(lm):
+    """A model pushed to end at once (+100 on the EOS logit) writes nothing; with min_new_tokens=3 every
+    completion has at least 3 tokens."""
+    model, tok = lm
+    hook = model.lm_head.register_forward_hook(lambda m, i, out: out.index_add(
+        -1, torch.tensor([tok.eos_token_id]), torch.full((*out.shape[:-1], 1), 100.0)))
+    try:
+        plain = generate_completions(model, tok, PROMPTS, num=2, progress=False,
+                                     settings=GenerationSettings(max_new_tokens=8, seed=1))
+        held = generate_completions(model, tok, PROMPTS, num=2, progress=False,
+                                    settings=GenerationSettings(max_new_tokens=8, seed=1, min_new_tokens=3))
+    finally:
+        hook.remove()
+    assert all(r["completion"] == "" for r in plain)
+    assert all(len(tok(r["completion"], add_special_tokens=False)["input_ids"]) >= 3 for r in held)
+    with pytest.raises(PreftuneError, match="min_new_tokens"):
+        GenerationSettings(max_new_tokens=4, min_new_tokens=5).check()
+
+
 def test_stop_strings_cut_exactly_where_the_unstopped_completion_has_them(lm):
     model, tok = lm
     base = GenerationSettings(max_new_tokens=12, seed=3)

@@ -36,6 +36,7 @@ class GenerationSettings:
     top_p: float = 1.0            # nucleus sampling: keep the smallest set of tokens with mass >= top_p
     top_k: int = 0                # keep the k most likely tokens; 0 = no limit
     max_new_tokens: int = 64      # completion length limit, in tokens
+    min_new_tokens: int = 0       # end-of-sequence is not sampled before this many new tokens
     seed: int = 0                 # same seed -> same completions (see the module docstring)
     template: str = "raw"         # raw | chat | tldr | a format string containing {prompt}
     stop: list[str] = field(default_factory=list)  # cut a completion before the first of these strings
@@ -51,6 +52,9 @@ class GenerationSettings:
             raise PreftuneError(f"top_k must be >= 0 (0 = no limit), got {self.top_k}", field="top_k")
         if self.max_new_tokens < 1:
             raise PreftuneError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}", field="max_new_tokens")
+        if not 0 <= self.min_new_tokens <= self.max_new_tokens:
+            raise PreftuneError(f"min_new_tokens must be in [0, max_new_tokens = {self.max_new_tokens}], "
+                                f"got {self.min_new_tokens}", field="min_new_tokens")
         if self.template not in ("raw", "chat", "tldr") and "{prompt}" not in self.template:
             raise PreftuneError(f"unknown template {self.template!r}", field="template",
                                 hint="use raw, chat, tldr or a format string containing {prompt}")
@@ -282,6 +286,7 @@ def generate_completions(model: Any, tokenizer: Any, prompts: Sequence[Prompt], 
                 enc = {k: v.to(model.device) for k, v in enc.items()}
                 prompt_len = enc["input_ids"].shape[1]
                 config = GenerationConfig(max_new_tokens=settings.max_new_tokens, do_sample=False,
+                                          min_new_tokens=settings.min_new_tokens or None,
                                           pad_token_id=pad_id, eos_token_id=tokenizer.eos_token_id)
                 seeds = [row_seed(settings.seed, i + 1, k) for i, k in batch]
                 stopping = StoppingCriteriaList([_StopOnStrings(tokenizer, settings.stop, prompt_len)]
@@ -320,7 +325,8 @@ def generate_with_vllm(model_path: str, prompts: Sequence[Prompt], *, num: int,
     texts = [format_prompt(p, settings.template, tokenizer) for p in prompts]
     params = [vllm.SamplingParams(n=num, temperature=settings.temperature, top_p=settings.top_p,
                                   top_k=settings.top_k if settings.top_k > 0 else -1,
-                                  max_tokens=settings.max_new_tokens, stop=list(settings.stop) or None,
+                                  max_tokens=settings.max_new_tokens, min_tokens=settings.min_new_tokens,
+                                  stop=list(settings.stop) or None,
                                   seed=row_seed(settings.seed, i + 1, 0) % (2**31))
               for i in range(len(prompts))]
     outputs = llm.generate(texts, params)

@@ -21,6 +21,7 @@ def generate(
     top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling mass (1 = off)."),
     top_k: int = typer.Option(0, "--top-k", help="Keep the k most likely tokens (0 = off)."),
     max_new_tokens: int = typer.Option(64, "--max-new-tokens", help="Length limit of each completion, in tokens."),
+    min_new_tokens: int = typer.Option(0, "--min-new-tokens", help="No end-of-sequence before this many new tokens."),
     seed: int = typer.Option(0, help="Same seed -> same completions, whatever the batch size."),
     template: str = typer.Option("raw", help="raw | chat | tldr | a format string such as 'Q: {prompt}\\nA:'."),
     stop: list[str] = typer.Option([], "--stop", help="Cut each completion before this string (repeatable)."),
@@ -40,7 +41,8 @@ def generate(
     # A shell gives "\n" as two characters; in a template it almost always means a newline.
     template = template.replace("\\n", "\n").replace("\\t", "\t")
     settings = GenerationSettings(temperature=temperature, top_p=top_p, top_k=top_k,
-                                  max_new_tokens=max_new_tokens, seed=seed, template=template,
+                                  max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, seed=seed,
+                                  template=template,
                                   stop=[s.replace("\\n", "\n") for s in stop], backend=backend)
     settings.check()
     prompt_list = load_prompts(prompts, from_preferences=from_preferences)
