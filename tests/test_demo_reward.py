@@ -55,7 +55,11 @@ def test_other_voices_and_rambling_are_penalised():
 
 def test_empty_completion():
     assert terms("")["empty"] == 1.0
-    assert shakespeare_reward(PREFIX, "") == -1.0
+    assert shakespeare_reward(PREFIX, "") == -2.0
+    assert terms(".") == {"finished": 0.0, "metre": 0.0, "interruptions": 0.0, "excess_words": 0.0, "empty": 1.0}
+    # three words ending a sentence are still empty and not finished; 'and so fa-re-well' is 5
+    # syllables by the counter, so its metre is max(0, 1 - 5/5) = 0
+    assert shakespeare_reward(PREFIX, "\nAnd so farewell.") == pytest.approx(-2.0)
 
 
 def test_annotator_bradley_terry_probability():

@@ -300,7 +300,7 @@ class Demo:
         tokenizer = load_tokenizer(str(model_path))
         model = load_policy(str(model_path), tokenizer=tokenizer)
         settings = GenerationSettings(temperature=s.temperature, top_k=s.top_k, max_new_tokens=s.max_new_tokens,
-                                      seed=s.seed if seed is None else seed)
+                                      min_new_tokens=s.min_new_tokens, seed=s.seed if seed is None else seed)
         return generate_completions(model, tokenizer, prompts, num=num, settings=settings,
                                     batch_size=s.generate_batch_size, model_name=name)
 

@@ -41,6 +41,7 @@ class DemoSettings:
     second_opinion: float = 0.2            # fraction of pairs labelled by two annotators
     # sampling (preference data and evaluation)
     max_new_tokens: int = 64
+    min_new_tokens: int = 2                # no empty completions (an empty text is not preference data)
     temperature: float = 1.0
     top_k: int = 50
     generate_batch_size: int = 64
