@@ -45,17 +45,6 @@ def _weights(path: Path) -> dict[str, torch.Tensor]:
     return load_file(str(path / "model.safetensors"))
 
 
-@pytest.fixture(scope="module")
-def float64_model_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny model stored in float64, so summation-order differences are ~1e-16, not ~1e-7."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    out = tmp_path_factory.mktemp("tiny64-dist")
-    AutoModelForCausalLM.from_pretrained(tiny_model_dir).to(torch.float64).save_pretrained(out)
-    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(out)
-    return out
-
-
 @pytest.mark.slow
 def test_two_cpu_processes_equal_one_process(float64_model_dir: Path, tmp_path: Path) -> None:
     """DPO, 2 optimizer steps of a global batch of 8 pairs: one process with batch_size 8, or two gloo

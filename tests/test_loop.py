@@ -51,17 +51,6 @@ def _weights(path: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.fixture(scope="module")
-def float64_model_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny model stored in float64, so summation-order differences are ~1e-16, not ~1e-7."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    out = tmp_path_factory.mktemp("tiny64")
-    AutoModelForCausalLM.from_pretrained(tiny_model_dir).to(torch.float64).save_pretrained(out)
-    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(out)
-    return out
-
-
-@pytest.fixture(scope="module")
 def dropout_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny model with attention dropout 0.1, so every step consumes the torch RNG."""
     from preftune.testing import make_tiny

@@ -132,16 +132,6 @@ def _policy_grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return grads
 
 
-@pytest.fixture(scope="module")
-def float64_model_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    out = tmp_path_factory.mktemp("tiny64-online")
-    AutoModelForCausalLM.from_pretrained(tiny_model_dir).to(torch.float64).save_pretrained(out)
-    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(out)
-    return out
-
-
 def test_ppo_first_pass_is_reinforce(float64_model_dir, tmp_path):
     """One pass, one mini-batch, no clipping (clip_range 1e9), a rollout just sampled by this very policy:
     ratio = pi / pi_old = 1, so the gradient of PPO's surrogate sum_t -A_t ratio_t / N equals that of
@@ -208,17 +198,17 @@ def test_adaptive_kl_coefficient_follows_the_controller(tiny_model_dir, tmp_path
     assert max(kls) > 2.0 and betas[-1] > min(betas)
 
 
-class _InterruptAt(PPOMethod):
-    """PPO that sends this process a real SIGINT (Ctrl-C) while preparing step ``at`` (0-based)."""
+def _interrupt_at(method, at: int):
+    """``method`` with a real SIGINT (Ctrl-C) sent to this process while it prepares step ``at`` (0-based)."""
+    prepare = method.before_step
 
-    def __init__(self, at: int, **kwargs) -> None:
-        super().__init__(**kwargs)
-        self.at = at
-
-    def before_step(self, model, step):
-        if step == self.at:
+    def before_step(model, step):
+        if step == at:
             os.kill(os.getpid(), signal.SIGINT)
-        return super().before_step(model, step)
+        return prepare(model, step)
+
+    method.before_step = before_step
+    return method
 
 
 def test_resume_in_the_middle_of_a_rollout_is_exact(tiny_model_dir, tmp_path):
@@ -234,7 +224,7 @@ def test_resume_in_the_middle_of_a_rollout_is_exact(tiny_model_dir, tmp_path):
     train(PPOMethod(prompts=PROMPTS, reward_fn=letters), resolve_config("ppo", keys))
     resumed = {**keys, "output_dir": str(tmp_path / "resumed")}
     with pytest.raises(KeyboardInterrupt):
-        train(_InterruptAt(2, prompts=PROMPTS, reward_fn=letters), resolve_config("ppo", resumed))
+        train(_interrupt_at(PPOMethod(prompts=PROMPTS, reward_fn=letters), 2), resolve_config("ppo", resumed))
     assert (tmp_path / "resumed" / "checkpoints" / "step-3" / "method_state_0.pt").is_file()
     train(PPOMethod(prompts=PROMPTS, reward_fn=letters), resolve_config("ppo", resumed))
 
