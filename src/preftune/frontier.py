@@ -148,7 +148,7 @@ def frontier(config: FrontierConfig | dict[str, Any] | str | Path, *, reward_fn:
     (out / "frontier.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
     from preftune.plots import frontier_plot
 
-    frontier_plot(points, out / "frontier.png", title=f"reward vs KL to {Path(config.model).name or config.model}")
+    frontier_plot(points, out / "frontier.png", title=f"reward vs KL to the reference ({config.model})")
     log(f"wrote {out / 'frontier.json'} and {out / 'frontier.png'}")
     return result
 
@@ -233,9 +233,8 @@ def _measure_all(runs: list[Run], config: FrontierConfig, out: Path, prompts: li
     from preftune.models import load_policy, load_tokenizer
     from preftune.train.rollout import evaluate_policy
 
-    tokenizer = load_tokenizer(config.model)
+    tokenizer, reference = None, None  # loaded when a point is not cached
     dtype = config.common.get("dtype", "auto")
-    reference = load_policy(config.model, dtype=dtype, tokenizer=tokenizer).to(_device())
     settings = {"eval_samples": config.eval_samples, "max_new_tokens": config.max_new_tokens, "seed": config.seed,
                 "temperature": config.temperature, "template": config.template, "prompts": len(prompts)}
     points = []
@@ -249,6 +248,9 @@ def _measure_all(runs: list[Run], config: FrontierConfig, out: Path, prompts: li
             if saved.get("settings") == stamp:
                 point = saved["point"]
             else:
+                if reference is None:
+                    tokenizer = load_tokenizer(config.model)
+                    reference = load_policy(config.model, dtype=dtype, tokenizer=tokenizer).to(_device())
                 policy = reference if run.method == "sft" else load_policy(
                     str(directory / "final"), dtype=dtype, tokenizer=tokenizer).to(_device())
                 point = {"name": run.name, "method": run.method, "param": run.param, "value": run.value,
