@@ -118,6 +118,9 @@ class OnlineMethod:
         self.train_items = [torch.tensor(q, dtype=torch.long) for q in queries]
         ctx.log(f"{len(self.prompts)} prompts; {cut} cut from the left to max_length - max_new_tokens = "
                 f"{config.max_length - config.max_new_tokens} tokens")
+        if config.ptx_coef > 0 and ctx.accelerator.num_processes > 1:
+            raise PreftuneError("PPO-ptx runs a second forward pass per micro-batch, which DDP does not allow",
+                                field="ptx_coef", hint="train with one process, or set ptx_coef: 0")
         self.ptx_items = self._load_ptx(config, ctx.log) if config.ptx_coef > 0 else []
         self.kl_controller = (AdaptiveKLController(config.kl_coef, config.kl_target, config.kl_horizon)
                               if config.kl_target is not None else FixedKLController(config.kl_coef))
