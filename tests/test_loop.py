@@ -1,4 +1,4 @@
-"""The training loop: accumulation invariance, exact resume, metrics.jsonl, checkpoints, LoRA.
+"""The training loop: accumulation invariance, exact resume, metrics.jsonl, checkpoints, LoRA, group_by_length.
 
 Every test trains the 2-layer, 64-dim tiny Llama of `preftune.testing` for a few steps on CPU.
 """
@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import os
+import random
 import shutil
 import signal
 from pathlib import Path
@@ -15,7 +16,9 @@ import pytest
 import torch
 
 from preftune.config import SFTConfig, from_mapping, load_config
+from preftune.data.collate import item_length, real_token_share
 from preftune.train.loop import (
+    _describe,
     batch_indices,
     epoch_order,
     plan_steps,
@@ -35,6 +38,19 @@ EXAMPLES = [
     {"prompt": "The quick brown fox", "completion": " jumps over the lazy dog."},
     {"prompt": "Rough winds do shake", "completion": " the darling buds of May."},
     {"prompt": "Answer yes or no:", "completion": " yes"},
+]
+# Eight more, from very short to long, for the group_by_length tests (16 items, 2+ steps per epoch).
+MORE_EXAMPLES = [
+    {"prompt": "Hi", "completion": " there."},
+    {"prompt": "Count:", "completion": " one two three four five six seven eight nine ten eleven twelve."},
+    {"prompt": "Now is the winter of our discontent", "completion": " made glorious summer by this sun of York."},
+    {"prompt": "Say no.", "completion": " No."},
+    {"prompt": "All the world's a stage,", "completion": " and all the men and women merely players; they have "
+                                                          "their exits and their entrances."},
+    {"prompt": "Two words:", "completion": " good night."},
+    {"prompt": "If music be the food of love,", "completion": " play on."},
+    {"prompt": "Describe the weather in a long sentence, please, with as much detail as you can.",
+     "completion": " It rained all morning, the wind rose at noon, and by evening the sky was clear and cold."},
 ]
 
 
@@ -135,17 +151,19 @@ class _InterruptAt(SFTMethod):
         return None
 
 
-def test_resume_continues_the_identical_loss_curve(dropout_model_dir: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("group_by_length", [False, True])
+def test_resume_continues_the_identical_loss_curve(dropout_model_dir: Path, tmp_path: Path,
+                                                   group_by_length: bool) -> None:
     """6 steps straight == Ctrl-C during step 3, checkpoint, then resume steps 4..6.
 
     Ctrl-C while step 3 runs lets step 3 finish, saves checkpoints/step-3 (model, AdamW moments, the
     cosine schedule, RNG states) and raises KeyboardInterrupt; the same command again resumes. The model
     has dropout, so the RNG state matters. Everything is deterministic on CPU, so the loss curves and the
     final weights are compared for EXACT equality. Two epochs (4 steps per epoch) so the data order of the
-    second epoch is also covered.
+    second epoch is also covered, in random order and with steps grouped by length.
     """
     values = {"batch_size": 2, "max_steps": 6, "lr_scheduler": "cosine", "warmup_steps": 2,
-              "max_grad_norm": 1.0, "save_every": 100}
+              "max_grad_norm": 1.0, "save_every": 100, "group_by_length": group_by_length}
     straight = tmp_path / "straight"
     train(SFTMethod(examples=EXAMPLES), _config(dropout_model_dir, straight, **values))
 
@@ -244,6 +262,9 @@ def test_resume_with_other_batch_settings_is_refused(tiny_model_dir: Path, tmp_p
     train(SFTMethod(examples=EXAMPLES), _config(tiny_model_dir, out, batch_size=2, max_steps=2, save_every=1))
     with pytest.raises(PreftuneError, match="global_batch = 2"):
         train(SFTMethod(examples=EXAMPLES), _config(tiny_model_dir, out, batch_size=4, max_steps=2))
+    with pytest.raises(PreftuneError, match="group_by_length = False, this run has True"):
+        train(SFTMethod(examples=EXAMPLES), _config(tiny_model_dir, out, batch_size=2, max_steps=2,
+                                                    group_by_length=True))
     shutil.rmtree(out / "checkpoints")
     train(SFTMethod(examples=EXAMPLES), _config(tiny_model_dir, out, batch_size=4, max_steps=1))
     assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == [1]  # a fresh run starts a fresh file
@@ -254,3 +275,164 @@ def test_too_few_examples_for_one_step(tiny_model_dir: Path, tmp_path: Path) -> 
 
     with pytest.raises(PreftuneError, match="only 8 training examples, but one optimizer step needs 12"):
         train(SFTMethod(examples=EXAMPLES), _config(tiny_model_dir, tmp_path, batch_size=4, grad_accum=3))
+
+
+def test_describe_counts_in_words() -> None:
+    """The plan line says "1 step per epoch, 1 step" and "1 process", not "1 steps" / "1 processes"."""
+    class Stub:
+        model, eval_items = torch.nn.Linear(2, 1), []
+
+    config = from_mapping(SFTConfig, {"model": "m", "data": "d", "batch_size": 2})
+    lines: list[str] = []
+    _describe(Stub(), plan_steps(3, config, num_processes=1), config, lines.append)
+    assert lines[0] == ("3 training items, 0 eval items; 2 per step (batch_size 2 x grad_accum 1 x 1 process); "
+                        "1 step per epoch, 1 step")
+    assert lines[1].startswith("each epoch leaves out 1 item that does not fill a last step")
+    lines.clear()
+    _describe(Stub(), plan_steps(9, config, num_processes=2), config, lines.append)
+    assert "x 2 processes); 2 steps per epoch, 2 steps" in lines[0]
+    assert lines[1].startswith("each epoch leaves out 1 item that does not")
+
+
+# ------------------------------------------------------------------------------------------------ group_by_length
+
+
+def _pair_rows(n: int, seed: int = 0) -> list[list[int]]:
+    """Row lengths of ``n`` synthetic pairs shaped like benchmarks/dpo_step.py's: a prompt of 48-80 tokens,
+    each response 64-128."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        prompt = rng.randint(48, 80)
+        rows.append([prompt + rng.randint(64, 128), prompt + rng.randint(64, 128)])
+    return rows
+
+
+def test_grouped_order_is_a_seeded_permutation_per_epoch() -> None:
+    """100 items, global batch 8: 12 steps of 8 use 96 items, 4 are left out. The grouped order is a
+    permutation, the same for the same (seed, epoch) (recomputed, not cached), different across epochs and
+    seeds; it leaves out the same 4 items as the random order; each step's 8 items are sorted longest first,
+    the step holding the longest item comes first and the other steps are not sorted by length."""
+    from preftune.train.loop import _epoch_order
+
+    lengths = [max(r) for r in _pair_rows(100)]
+    order = epoch_order(100, seed=7, epoch=0, lengths=lengths, group=8)
+    assert sorted(order) == list(range(100))
+    _epoch_order.cache_clear()
+    assert epoch_order(100, seed=7, epoch=0, lengths=lengths, group=8) == order
+    assert epoch_order(100, seed=7, epoch=1, lengths=lengths, group=8) != order
+    assert epoch_order(100, seed=8, epoch=0, lengths=lengths, group=8) != order
+    plain = epoch_order(100, seed=7, epoch=0)
+    assert order != plain and order[96:] == plain[96:] and sorted(order[:96]) == sorted(plain[:96])
+    steps = [[lengths[i] for i in order[s:s + 8]] for s in range(0, 96, 8)]
+    assert all(step == sorted(step, reverse=True) for step in steps)
+    assert steps[0][0] == max(lengths)
+    assert [s[0] for s in steps[1:]] != sorted((s[0] for s in steps[1:]), reverse=True)
+
+    config = from_mapping(SFTConfig, {"model": "m", "data": "d", "batch_size": 4, "grad_accum": 2,
+                                      "group_by_length": True})
+    state = plan_steps(100, config, num_processes=1)
+    assert state.steps_per_epoch == 12 and state.group_by_length
+    assert batch_indices(state, 13, seed=7, lengths=lengths) == epoch_order(
+        100, seed=7, epoch=1, lengths=lengths, group=8)[8:16]
+    with pytest.raises(ValueError, match="99 lengths for 100 items"):
+        epoch_order(100, seed=7, epoch=0, lengths=lengths[:99], group=8)
+
+
+def test_grouped_order_depends_only_on_the_global_batch() -> None:
+    """Step 5's items are the same for 8 x 1, 1 x 8 and 4 x 2 on one process and 4 x 1, 2 x 2 on two
+    processes (all global batch 8), so accumulation and process invariance hold with grouping on."""
+    lengths = [max(r) for r in _pair_rows(250)]
+    steps = set()
+    for batch, accum, world in [(8, 1, 1), (1, 8, 1), (4, 2, 1), (4, 1, 2), (2, 2, 2)]:
+        config = from_mapping(SFTConfig, {"model": "m", "data": "d", "batch_size": batch, "grad_accum": accum,
+                                          "group_by_length": True})
+        steps.add(tuple(batch_indices(plan_steps(250, config, num_processes=world), 5, seed=0, lengths=lengths)))
+    assert len(steps) == 1
+
+
+@pytest.mark.parametrize(("batch_size", "grad_accum", "random_at_most", "grouped_at_least"),
+                         [(8, 1, 0.83, 0.92), (4, 2, 0.85, 0.92), (2, 4, 0.88, 0.93)])
+def test_grouped_micro_batches_pad_less(batch_size: int, grad_accum: int, random_at_most: float,
+                                        grouped_at_least: float) -> None:
+    """250 synthetic pairs (2 rows each, 112-208 tokens): the share of real tokens among the padded
+    positions of the first epoch's micro-batches (each padded to its longest row, as collate_pairs does).
+    Measured (seed 42): 8 x 1: random 81.4%, grouped 92.8%; 4 x 2: 83.8% -> 93.2%; 2 x 4: 87.3% -> 93.4%
+    (a pair's two rows still pad to each other, so a micro-batch of 1 pair stays at 93.5% either way).
+    Also the step's length spread: the mean (longest - shortest) item within a step shrinks at least 5x."""
+    rows = _pair_rows(250)
+    lengths = [max(r) for r in rows]
+    config = from_mapping(SFTConfig, {"model": "m", "data": "d", "batch_size": batch_size,
+                                      "grad_accum": grad_accum})
+    state = plan_steps(250, config, num_processes=1)
+    used, g = state.steps_per_epoch * state.global_batch, state.global_batch
+    share, spread = {}, {}
+    for grouped in (False, True):
+        order = epoch_order(250, seed=42, epoch=0, lengths=lengths if grouped else None, group=g)[:used]
+        share[grouped] = real_token_share([rows[i] for i in order], batch_size)
+        steps = [[lengths[i] for i in order[s:s + g]] for s in range(0, used, g)]
+        spread[grouped] = sum(max(s) - min(s) for s in steps) / len(steps)
+    assert share[False] <= random_at_most and share[True] >= grouped_at_least, share
+    assert spread[True] * 5 <= spread[False], spread
+
+
+def test_real_token_share_counts_padding() -> None:
+    """Rows [3, 5] and [2] in one batch pad to 5: 10 real of 15; alone they are 8/10 and 2/2."""
+    assert real_token_share([[3, 5], [2]], batch_size=2) == pytest.approx(10 / 15)
+    assert real_token_share([[3, 5], [2]], batch_size=1) == pytest.approx(10 / 12)
+
+
+class _Recording(SFTMethod):
+    """SFT that records the lengths of the items of every micro-batch it collates for training."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.seen: list[list[int]] = []
+
+    def collate(self, items):
+        self.seen.append([item_length(i) for i in items])
+        return super().collate(items)
+
+
+def test_training_with_group_by_length_follows_the_grouped_order(tiny_model_dir: Path, tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture) -> None:
+    """16 examples, batch_size 2 x grad_accum 2, 6 steps (4 per epoch): the micro-batches the loop collates
+    are consecutive pairs of the grouped order of each epoch, they pad less than the random order would,
+    and the log says by how much (one line)."""
+    method = _Recording(examples=EXAMPLES + MORE_EXAMPLES)
+    train(method, _config(tiny_model_dir, tmp_path, batch_size=2, grad_accum=2, max_steps=6, group_by_length=True))
+    lengths = [item_length(i) for i in method.train_items]
+    expected = []
+    for epoch, steps in ((0, 4), (1, 2)):
+        order = epoch_order(16, seed=42, epoch=epoch, lengths=lengths, group=4)[:steps * 4]
+        expected += [[lengths[i] for i in order[k:k + 2]] for k in range(0, len(order), 2)]
+    assert method.seen == expected
+    random_order = epoch_order(16, seed=42, epoch=0)
+    padded = {name: sum(len(b) * max(b) for b in batches) for name, batches in (
+        ("grouped", expected[:8]), ("random", [[lengths[i] for i in random_order[k:k + 2]] for k in range(0, 16, 2)]))}
+    assert padded["grouped"] < padded["random"], padded
+    log = [line for line in capsys.readouterr().err.splitlines() if "group_by_length:" in line]
+    assert len(log) == 1 and "of the padded positions of the first epoch" in log[0] and "in random order" in log[0]
+
+
+def test_accumulation_invariance_with_group_by_length(float64_model_dir: Path, tmp_path: Path) -> None:
+    """group_by_length on, 16 examples, global batch 4, 2 steps: 4 x 1, 1 x 4 and 2 x 2 give the same loss
+    curve (rel 1e-12) and the same weights (1e-10; see test_batch8_accum1_equals_batch1_accum8). The grouped
+    steps are not the random ones, so a grouping that depended on the micro-batch would show here."""
+    examples = EXAMPLES + MORE_EXAMPLES
+    runs = {}
+    for batch, accum in [(4, 1), (1, 4), (2, 2)]:
+        out = tmp_path / f"b{batch}a{accum}"
+        method = SFTMethod(examples=examples)
+        train(method, _config(float64_model_dir, out, batch_size=batch, grad_accum=accum, max_steps=2,
+                              group_by_length=True))
+        runs[(batch, accum)] = ([r["loss"] for r in read_metrics(out / "metrics.jsonl")], _weights(out / "final"))
+    lengths = [item_length(i) for i in method.train_items]
+    state = plan_steps(16, _config(float64_model_dir, tmp_path, batch_size=4), num_processes=1)
+    assert {frozenset(batch_indices(state, s, seed=42, lengths=lengths)) for s in (0, 1)} != {
+        frozenset(batch_indices(state, s, seed=42)) for s in (0, 1)}
+    (curve, weights), *others = runs.values()
+    for other_curve, other_weights in others:
+        assert other_curve == pytest.approx(curve, rel=1e-12, abs=0)
+        for key in weights:
+            torch.testing.assert_close(other_weights[key], weights[key], rtol=0, atol=1e-10, msg=key)

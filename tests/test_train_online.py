@@ -256,6 +256,7 @@ def test_ptx_mixes_in_the_sft_loss(tiny_model_dir, tmp_path):
     ("rloo", {"num_samples": 1}, "num_samples", "must be >= 2 for the leave-one-out baseline"),
     ("ppo", {"temperature": 0.0}, "temperature", "must be > 0"),
     ("ppo", {"eval_fraction": 0.1}, "eval_fraction", "not used by online methods"),
+    ("rloo", {"group_by_length": True}, "group_by_length", "is for offline methods"),
     ("ppo", {"kl_estimator": "k2"}, "kl_estimator", "is not one of k1, k3"),
     ("ppo", {"max_new_tokens": 64, "max_length": 64}, "max_new_tokens", "must be >= 1 and < max_length"),
     ("raft", {"keep": "top_fraction", "top_fraction": 0.01}, "top_fraction", "fewer than one per micro-batch"),

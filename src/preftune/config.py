@@ -56,6 +56,8 @@ class TrainConfig:
     learning_rate: float = opt(1e-5, "peak learning rate of AdamW")
     batch_size: int = opt(8, "micro-batch: examples (or pairs) per forward pass per process")
     grad_accum: int = opt(1, "micro-batches per optimizer step (step = batch_size*grad_accum*processes)")
+    group_by_length: bool = opt(False, "put items of similar length in the same step: less padding "
+                                "(sft, reward, dpo; not the online methods)")
     eval_batch_size: int | None = opt(None, "micro-batch size for evaluation; null = batch_size")
     max_steps: int | None = opt(None, "optimizer steps to train; null = run `epochs` over the data")
     epochs: float = opt(1.0, "passes over the training data (fractions allowed) when max_steps is null")

@@ -66,6 +66,8 @@ class OnlineConfig(TrainConfig):
         _require(self, "eval_data", not self.eval_data, "is not used by online methods: they are measured on "
                  "their own rollouts (see samples.jsonl); evaluate with generate + compare")
         _require(self, "eval_fraction", self.eval_fraction == 0.0, "is not used by online methods")
+        _require(self, "group_by_length", not self.group_by_length, "is for offline methods (sft, reward, "
+                 "dpo): an online step trains on the completions it has just sampled")
         _require(self, "num_samples", self.num_samples >= 1, "must be >= 1")
         _require(self, "max_new_tokens", 1 <= self.max_new_tokens < self.max_length,
                  f"must be >= 1 and < max_length ({self.max_length})")

@@ -136,3 +136,25 @@ def item_length(item: Any) -> int:
     if isinstance(item, TokenizedSequence):
         return len(item.input_ids)
     return int(item.length)
+
+
+def row_lengths(item: Any) -> list[int]:
+    """The rows an item adds to its collated batch, as lengths: 1 (SFT), 2 (a pair), K (a ranking)."""
+    if isinstance(item, TokenizedSequence):
+        return [len(item.input_ids)]
+    if isinstance(item, TokenizedPair):
+        return [len(item.chosen_input_ids), len(item.rejected_input_ids)]
+    if isinstance(item, TokenizedRanking):
+        return [len(ids) for ids in item.input_ids]
+    return [item_length(item)]
+
+
+def real_token_share(rows: Sequence[Sequence[int]], batch_size: int) -> float:
+    """Real tokens / padded positions when ``rows`` (the ``row_lengths`` of items, in order) are cut into
+    batches of ``batch_size`` items and each batch is padded to its longest row, as the collate functions do."""
+    real = padded = 0
+    for start in range(0, len(rows), batch_size):
+        batch = [n for item in rows[start:start + batch_size] for n in item]
+        real += sum(batch)
+        padded += len(batch) * max(batch, default=0)
+    return real / padded if padded else 1.0

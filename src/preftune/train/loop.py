@@ -8,6 +8,10 @@ step ``s`` takes positions ``[i*G, (i+1)*G)`` of epoch ``s // steps_per_epoch`` 
 the epoch, ``G = batch_size * grad_accum * num_processes``). The position in the data is therefore a
 pure function of the step, and resuming needs only the step counter, never a replay of a dataloader.
 Items that do not fill a last global batch are left out of that epoch (a different few each epoch).
+With ``group_by_length`` the epoch's permutation is then regrouped (same seed) so that each global batch
+holds items of similar length, longest first, so its micro-batches (contiguous runs) are also of similar
+length; the regrouping depends on the global batch only, never on how it is split into micro-batches or
+processes, so the invariances below and exact resume hold with it too.
 An online method that trains several optimizer steps on each global batch of prompts (PPO's epochs over
 a rollout) says so with ``updates_per_batch``; an epoch then has that many times more steps.
 
@@ -31,11 +35,13 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import functools
 import json
 import math
 import signal
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -62,19 +68,42 @@ def plan_steps(num_items: int, config: TrainConfig, num_processes: int, *,
             field="batch_size", hint="lower batch_size or grad_accum, or add training data")
     total = config.max_steps or max(1, math.ceil(config.epochs * steps_per_epoch))
     return TrainerState(num_items=num_items, global_batch=global_batch, steps_per_epoch=steps_per_epoch,
-                        total_steps=total)
+                        total_steps=total, group_by_length=config.group_by_length)
 
 
-def epoch_order(num_items: int, *, seed: int, epoch: int) -> list[int]:
-    """The seeded permutation of item indices for one epoch (independent of every global RNG)."""
-    generator = torch.Generator().manual_seed(seed + epoch)
-    return torch.randperm(num_items, generator=generator).tolist()
+def epoch_order(num_items: int, *, seed: int, epoch: int, lengths: Sequence[int] | None = None,
+                group: int = 1) -> list[int]:
+    """The seeded permutation of item indices for one epoch (independent of every global RNG).
+
+    With ``lengths`` (one per item: ``group_by_length``), the permutation's first ``num_items // group *
+    group`` positions, the ones the epoch uses, are regrouped by ``length_grouped_order`` (seeded by the
+    same ``seed + epoch``) so that each block of ``group`` (one optimizer step) holds items of similar
+    length, longest first, the blocks in random order but the one holding the longest item first (an
+    out-of-memory shows at step 0); the items left out at the end stay the same.
+    """
+    if lengths is not None and len(lengths) != num_items:
+        raise ValueError(f"{len(lengths)} lengths for {num_items} items")
+    key = None if lengths is None else tuple(lengths)
+    return list(_epoch_order(num_items, seed + epoch, key, group))
 
 
-def batch_indices(state: TrainerState, step: int, *, seed: int) -> list[int]:
-    """The item indices of optimizer step ``step`` (0-based) over all processes, in order."""
+@functools.lru_cache(maxsize=2)  # every step of an epoch reads the same order: compute it once
+def _epoch_order(num_items: int, seed: int, lengths: tuple[int, ...] | None, group: int) -> tuple[int, ...]:
+    from preftune.data.collate import length_grouped_order
+
+    order = torch.randperm(num_items, generator=torch.Generator().manual_seed(seed)).tolist()
+    if lengths is None:
+        return tuple(order)
+    used = num_items // group * group
+    grouped = length_grouped_order([lengths[i] for i in order[:used]], group, seed)
+    return tuple([order[j] for j in grouped] + order[used:])
+
+
+def batch_indices(state: TrainerState, step: int, *, seed: int, lengths: Sequence[int] | None = None) -> list[int]:
+    """The item indices of optimizer step ``step`` (0-based) over all processes, in order (``lengths``:
+    the items' lengths when steps are grouped by length)."""
     epoch, within = divmod(step, state.steps_per_epoch)
-    order = epoch_order(state.num_items, seed=seed, epoch=epoch)
+    order = epoch_order(state.num_items, seed=seed, epoch=epoch, lengths=lengths, group=state.global_batch)
     return order[within * state.global_batch:(within + 1) * state.global_batch]
 
 
@@ -158,6 +187,7 @@ def train(method: TrainingMethod, config: TrainConfig) -> Path:
         state = plan_steps(len(method.train_items), config, accelerator.num_processes,
                            updates_per_batch=getattr(method, "updates_per_batch", 1))
         _describe(method, state, config, log)
+        lengths = _item_lengths(method, state, config, log) if config.group_by_length else None
 
         optimizer = _adamw(method.model, config)
         scheduler = _schedule(optimizer, config, state.total_steps)
@@ -177,7 +207,7 @@ def train(method: TrainingMethod, config: TrainConfig) -> Path:
         with _progress(accelerator, state) as bar, _StopOnSigint(log) as stop:
             while state.step < state.total_steps:
                 step_log = _train_step(method, model, optimizer, scheduler, accelerator, config, state,
-                                       stop=stop)
+                                       lengths=lengths, stop=stop)
                 state.step += 1
                 _accumulate(state.pending, step_log)
                 bar.update(state.step, step_log["loss"])
@@ -207,15 +237,17 @@ def train(method: TrainingMethod, config: TrainConfig) -> Path:
 
 
 def _train_step(method: TrainingMethod, model: Any, optimizer: Any, scheduler: Any, accelerator: Any,
-                config: TrainConfig, state: TrainerState, *, stop: _StopOnSigint) -> dict[str, Any]:
-    """One optimizer step over ``grad_accum`` micro-batches per process; returns the step's global values."""
+                config: TrainConfig, state: TrainerState, *, lengths: Sequence[int] | None,
+                stop: _StopOnSigint) -> dict[str, Any]:
+    """One optimizer step over ``grad_accum`` micro-batches per process; returns the step's global values
+    (``lengths``: the training items' lengths with group_by_length, else None)."""
     started = time.perf_counter()
     world, accum = accelerator.num_processes, config.grad_accum
-    # 1. the step's items: this process's share of the seeded order of the training set, or the items
-    #    an online method's before_step produced on this process (generate + score)
+    # 1. the step's items: this process's share of the seeded order of the training set (grouped by
+    #    length when asked), or the items an online method's before_step produced on this process
     items = method.before_step(model, state.step)
     if items is None:
-        items = [method.train_items[i] for i in batch_indices(state, state.step, seed=config.seed)]
+        items = [method.train_items[i] for i in batch_indices(state, state.step, seed=config.seed, lengths=lengths)]
         chunks = split_for_process(items, micro_batches=accum, process=accelerator.process_index,
                                    num_processes=world)
     else:
@@ -329,7 +361,7 @@ def _schedule(optimizer: torch.optim.Optimizer, config: TrainConfig, total_steps
 
 
 def _check_same_plan(saved: TrainerState, now: TrainerState, path: Path) -> None:
-    for key in ("num_items", "global_batch"):
+    for key in ("num_items", "global_batch", "group_by_length"):
         if getattr(saved, key) != getattr(now, key):
             raise PreftuneError(
                 f"cannot resume: the checkpoint was trained with {key} = {getattr(saved, key)}, "
@@ -437,12 +469,35 @@ def _describe(method: TrainingMethod, state: TrainerState, config: TrainConfig, 
     trainable = sum(p.numel() for p in params if p.requires_grad)
     total = sum(p.numel() for p in params)
     unused = state.num_items % state.global_batch
-    log(f"{state.num_items} training items, {len(method.eval_items)} eval items; {state.global_batch} per step "
-        f"(batch_size {config.batch_size} x grad_accum {config.grad_accum} x {state.global_batch // (config.batch_size * config.grad_accum)} processes); "
-        f"{state.steps_per_epoch} steps per epoch, {state.total_steps} steps")
+    processes = state.global_batch // (config.batch_size * config.grad_accum)
+    log(f"{_count(state.num_items, 'training item')}, {_count(len(method.eval_items), 'eval item')}; "
+        f"{state.global_batch} per step (batch_size {config.batch_size} x grad_accum {config.grad_accum} x "
+        f"{_count(processes, 'process', 'processes')}); {_count(state.steps_per_epoch, 'step')} per epoch, "
+        f"{_count(state.total_steps, 'step')}")
     if unused:
-        log(f"each epoch leaves out {unused} items that do not fill a last step (different ones each epoch)")
+        log(f"each epoch leaves out {_count(unused, 'item')} that "
+            f"{'does' if unused == 1 else 'do'} not fill a last step (different ones each epoch)")
     log(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / max(total, 1):.2f}%)")
+
+
+def _count(n: int, singular: str, plural: str | None = None) -> str:
+    """``1 step``, ``2 steps``."""
+    return f"{n} {singular if n == 1 else plural or singular + 's'}"
+
+
+def _item_lengths(method: TrainingMethod, state: TrainerState, config: TrainConfig, log: Any) -> list[int]:
+    """The training items' lengths for group_by_length; logs the padding of the first epoch with and without."""
+    from preftune.data.collate import item_length, real_token_share, row_lengths
+
+    lengths = [item_length(item) for item in method.train_items]
+    rows = [row_lengths(item) for item in method.train_items]
+    used = state.steps_per_epoch * state.global_batch
+    share = {grouped: real_token_share([rows[i] for i in epoch_order(
+        state.num_items, seed=config.seed, epoch=0, lengths=lengths if grouped else None,
+        group=state.global_batch)[:used]], config.batch_size) for grouped in (False, True)}
+    log(f"group_by_length: real tokens are {share[True]:.1%} of the padded positions of the first epoch's "
+        f"micro-batches ({share[False]:.1%} in random order)")
+    return lengths
 
 
 def _format_eval(record: dict[str, Any]) -> str:
