@@ -34,11 +34,12 @@ lint: $(STAMP)
 test: $(STAMP) chromium lint
 	$(BIN)/python -m pytest -q
 
+# The main job: the offline Shakespeare pipeline (base model -> SFT -> simulated annotators -> reward model,
+# DPO, ORPO, PPO, RLOO -> evaluation against SFT -> demo_output/report.html). About 8 minutes on a 2-core CPU;
+# running it again skips every finished stage. `make demo DEMO_ARGS=--quick` is the one-minute version.
+DEMO_ARGS ?=
 demo: $(STAMP)
-	$(BIN)/preftune prefs table examples/course/ratings.csv
-	$(BIN)/preftune prefs aggregate examples/course/ratings.csv
-	$(BIN)/preftune prefs loss reward --chosen 0.5 --rejected 0.8
-	$(BIN)/preftune prefs loss dpo --policy-chosen 0.2 --policy-rejected 0.3 --ref-chosen 0.2 --ref-rejected 0.4 --beta 2
+	$(BIN)/preftune demo --output demo_output $(DEMO_ARGS)
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .ruff_cache

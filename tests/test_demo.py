@@ -31,10 +31,11 @@ def test_quick_demo_writes_the_report_and_summary(quick_run):
     out, _, output = quick_run
     for name in ("report.md", "report.html", "summary.json", "plots/win_rates.png", "plots/training.png",
                  "plots/lengths.png", "plots/wtl.png", "preferences/train.jsonl", "preferences/pairs.jsonl",
-                 "eval/sft.jsonl", "eval/dpo.jsonl", "eval/orpo.jsonl", "dpo/final/config.json"):
+                 "eval/sft.jsonl", "eval/dpo.jsonl", "eval/orpo.jsonl", "eval/ppo.jsonl", "eval/rloo.jsonl",
+                 "dpo/final/config.json", "ppo/final/config.json", "rloo/samples.jsonl"):
         assert (out / name).is_file(), name
     summary = json.loads((out / "summary.json").read_text())
-    for method in ("dpo", "orpo"):
+    for method in ("dpo", "orpo", "ppo", "rloo"):
         for judge in ("ground_truth", "reward_model"):
             r = summary["methods"][method][judge]
             n = r["wins"] + r["ties"] + r["losses"]
@@ -44,7 +45,8 @@ def test_quick_demo_writes_the_report_and_summary(quick_run):
             assert 0 <= lo <= r["win_rate"] <= hi <= 1
     rm = summary["reward_model"]
     assert rm["heldout_pairs"] > 0 and 0 <= rm["accuracy_vs_ground_truth"] <= 1
-    assert set(summary["seconds"]) >= {"corpus", "base", "sft", "preferences", "reward", "dpo", "orpo", "evaluate"}
+    assert set(summary["seconds"]) >= {"corpus", "base", "sft", "preferences", "reward", "dpo", "orpo", "ppo", "rloo",
+                                       "evaluate"}
     assert "win rate" in output and "report.html" in output
 
 
@@ -61,10 +63,10 @@ def test_report_shows_the_course_table_and_embeds_its_plots(quick_run):
 def test_generations_pair_the_models_on_the_same_prompts_and_ids(quick_run):
     out, _, _ = quick_run
     keys = {}
-    for name in ("sft", "dpo", "orpo"):
+    for name in ("sft", "dpo", "orpo", "ppo", "rloo"):
         rows = [json.loads(line) for line in (out / "eval" / f"{name}.jsonl").read_text().splitlines()]
         keys[name] = [(r["prompt_id"], r["completion_id"], r["prompt"]) for r in rows]
-    assert keys["sft"] == keys["dpo"] == keys["orpo"]
+    assert keys["sft"] == keys["dpo"] == keys["orpo"] == keys["ppo"] == keys["rloo"]
     assert {k[1] for k in keys["sft"]} == {"A", "B", "C"}
 
 
@@ -88,10 +90,12 @@ def test_a_second_run_skips_every_finished_stage(quick_run):
 
 def test_an_interrupted_run_resumes_from_the_last_finished_stage(quick_run, tmp_path, monkeypatch):
     """Stop the run inside the reward stage; the next run skips corpus..preferences and finishes."""
+    from preftune.demo.settings import QUICK
+
     out, cache, _ = quick_run
     copy = tmp_path / "out"
     shutil.copytree(out, copy)
-    for stage in ("reward", "dpo", "orpo", "evaluate", "report"):
+    for stage in ("reward", *QUICK.methods, "evaluate", "report"):
         (copy / "stages" / f"{stage}.json").unlink()
     from preftune.demo import pipeline
 

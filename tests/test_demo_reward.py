@@ -33,7 +33,8 @@ def test_a_finished_line_of_pentameter_scores_one_and_a_half():
     both, the sentence is finished, no other voice, 19 words: r = 1 + 0.5 * 1.0 = 1.5."""
     completion = "\nThe courtier's, soldier's, scholar's, eye, tongue, sword;\nThe glass of fashion and the mould of form."
     t = terms(completion)
-    assert t["finished"] == 1.0 and t["interruptions"] == 0.0 and t["excess_words"] == 0.0 and t["empty"] == 0.0
+    assert t["finished"] == 1.0 and t["interruptions"] == 0.0 and t["excess_words"] == 0.0
+    assert t["missing_words"] == 0.0
     assert t["metre"] == pytest.approx(1.0)
     assert shakespeare_reward(PREFIX, completion) == pytest.approx(1.5)
     # two syllables short on the first line (sol-dier's): its metre is 1 - 2/5
@@ -53,13 +54,16 @@ def test_other_voices_and_rambling_are_penalised():
     assert shakespeare_reward(PREFIX, ramble) < shakespeare_reward(PREFIX, "\nAnd so I go, and so I go.") - 3
 
 
-def test_empty_completion():
-    assert terms("")["empty"] == 1.0
+def test_short_and_empty_completions():
+    assert terms("")["missing_words"] == 8.0
     assert shakespeare_reward(PREFIX, "") == -2.0
-    assert terms(".") == {"finished": 0.0, "metre": 0.0, "interruptions": 0.0, "excess_words": 0.0, "empty": 1.0}
-    # three words ending a sentence are still empty and not finished; 'and so fa-re-well' is 5
+    assert terms(".") == {"finished": 0.0, "metre": 0.0, "interruptions": 0.0, "excess_words": 0.0,
+                          "missing_words": 8.0}
+    # three words ending a sentence: finished (+1), 5 words short (-1.25); 'and so fa-re-well' is 5
     # syllables by the counter, so its metre is max(0, 1 - 5/5) = 0
-    assert shakespeare_reward(PREFIX, "\nAnd so farewell.") == pytest.approx(-2.0)
+    assert shakespeare_reward(PREFIX, "\nAnd so farewell.") == pytest.approx(1.0 - 1.25)
+    # every word up to a line of 8 counts
+    assert terms("\nAnd so I bid farewell to all.")["missing_words"] == 1.0
 
 
 def test_annotator_bradley_terry_probability():

@@ -97,10 +97,10 @@ def win_rate_intervals(names: Sequence[str], series: Mapping[str, Sequence[tuple
     dashed line at 0.5 (no better than the baseline)."""
     plt = _pyplot()
     n, k = len(names), max(len(series), 1)
-    fig, ax = plt.subplots(figsize=(7.0, 1.4 + 0.55 * n * k ** 0.5))
+    fig, ax = plt.subplots(figsize=(7.0, 1.6 + 0.22 * n * (k + 1)), layout="constrained")
     colors = ("#1565c0", "#ef6c00", "#6a1b9a", "#2e7d32")
     for s, (label, points) in enumerate(series.items()):
-        ys = [n - 1 - i + (0.15 * (k - 1) / 2 - 0.15 * s) for i in range(n)]
+        ys = [n - 1 - i + (0.2 * (k - 1) / 2 - 0.2 * s) for i in range(n)]
         values = [p[0] for p in points]
         err = [[p[0] - (p[1] if p[1] is not None else p[0]) for p in points],
                [(p[2] if p[2] is not None else p[0]) - p[0] for p in points]]
@@ -111,7 +111,7 @@ def win_rate_intervals(names: Sequence[str], series: Mapping[str, Sequence[tuple
     ax.set_xlabel("win rate against the baseline (ties count half)")
     ax.set_title(title, fontsize="medium")
     ax.grid(axis="x", alpha=0.3)
-    ax.legend(fontsize="small", frameon=False, loc="lower left")
+    fig.legend(loc="outside lower center", fontsize="small", frameon=False, ncols=max(1, len(series)))
     return save(fig, path)
 
 

@@ -123,13 +123,15 @@ def continuation(lines: list[str], index: int, *, n_lines: int) -> str:
 def prefix_lines(corpus: Corpus, *, exclude: list[str], gap: int = GAP, seed: int = 0) -> list[Line]:
     """Candidate prefixes: verse lines that follow on with more text, at least ``gap`` lines from any
     line that starts one of ``exclude`` (the held-out prefixes), in a seeded random order."""
-    keys = [_key(p) for p in exclude]
+    keys = [k for k in (_key(p) for p in exclude) if k]
     found: list[Line] = []
     for work, text in corpus.texts.items():
         lines = text.splitlines()
+        line_keys = [_key(line) for line in lines]
         banned: set[int] = set()
-        for i, line in enumerate(lines):
-            if any(_key(line).startswith(k) or k.startswith(_key(line)) and _key(line) for k in keys):
+        for i, lk in enumerate(line_keys):
+            # a held-out prefix is this line, or starts with it (a prefix may run on past a line break)
+            if lk and any(lk.startswith(k) or k.startswith(lk) for k in keys if k[0] == lk[0]):
                 banned.update(range(i - gap, i + gap + 1))
         for i, line in enumerate(lines[:-1]):
             if i not in banned and is_verse(line) and lines[i + 1].strip():

@@ -249,6 +249,17 @@ class Demo:
         if method == "orpo":
             return self._train("dpo", self.out / "orpo", loss="orpo", beta=s.orpo_beta,
                                learning_rate=s.orpo_learning_rate, **common)
+        if method in ("ppo", "rloo"):
+            # RLHF proper: the policy is scored by the learned reward model, never by the ground truth
+            online = {"model": self.marker("sft")["model"], "data": str(self.out / "data" / "preference_prompts.txt"),
+                      "reward": self.marker("reward")["model"], "num_samples": s.rl_num_samples,
+                      "batch_size": s.rl_batch_size, "max_steps": s.rl_steps, "max_new_tokens": s.max_new_tokens,
+                      "max_length": 128, "temperature": s.temperature, "kl_coef": s.rl_kl_coef,
+                      "lr_scheduler": "constant", "warmup_steps": max(1, s.rl_steps // 10), "sample_every": 10,
+                      "learning_rate": s.ppo_learning_rate if method == "ppo" else s.rloo_learning_rate}
+            if method == "ppo":
+                online.update(update_epochs=2, num_mini_batches=2)
+            return self._train(method, self.out / method, **online)
         raise PreftuneError(f"the demo has no recipe for method {method!r}", field="methods")
 
     # ------------------------------------------------------------------------------------------ 7. evaluate
@@ -265,7 +276,7 @@ class Demo:
         for name, path in self.models().items():
             files[name] = out / f"{name}.jsonl"
             _write_jsonl(files[name], self._generate(path, prompts, num=s.eval_completions, name=name,
-                                                     seed=s.seed + 1000))
+                                                     seed=s.seed + 1000, temperature=s.eval_temperature))
         judges = {"ground_truth": FunctionJudge(GROUND_TRUTH),
                   "reward_model": RewardModelJudge(self.marker("reward")["model"])}
         results: dict[str, Any] = {}
@@ -292,14 +303,15 @@ class Demo:
 
     # ------------------------------------------------------------------------------------------ helpers
     def _generate(self, model_path: str | Path, prompts: list[str], *, num: int, name: str,
-                  seed: int | None = None) -> list[dict[str, Any]]:
+                  seed: int | None = None, temperature: float | None = None) -> list[dict[str, Any]]:
         from preftune.generate import GenerationSettings, generate_completions
         from preftune.models import load_policy, load_tokenizer
 
         s = self.settings
         tokenizer = load_tokenizer(str(model_path))
         model = load_policy(str(model_path), tokenizer=tokenizer)
-        settings = GenerationSettings(temperature=s.temperature, top_k=s.top_k, max_new_tokens=s.max_new_tokens,
+        settings = GenerationSettings(temperature=s.temperature if temperature is None else temperature,
+                                      top_k=s.top_k, max_new_tokens=s.max_new_tokens,
                                       min_new_tokens=s.min_new_tokens, seed=s.seed if seed is None else seed)
         return generate_completions(model, tokenizer, prompts, num=num, settings=settings,
                                     batch_size=s.generate_batch_size, model_name=name)

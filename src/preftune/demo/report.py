@@ -22,6 +22,7 @@ STAGE_TITLES = {
     "rloo": "RLOO", "raft": "RAFT", "evaluate": "evaluation (generate + compare)", "report": "report",
 }
 JUDGES = {"ground_truth": "ground-truth reward", "reward_model": "learned reward model"}
+ONLINE = ("ppo", "rloo", "raft")
 
 
 @dataclass
@@ -218,9 +219,12 @@ def _curves(demo: Any) -> dict[str, dict[str, tuple[list[float], list[float]]]]:
     add("reward model: accuracy", "held out", demo.out / "reward" / "metrics.jsonl", "eval/accuracy")
     for m in demo.settings.methods:
         path = demo.out / m / "metrics.jsonl"
-        add("preference loss", m.upper(), path, "loss")
-        add("rewards/accuracies", m.upper(), path, "rewards/accuracies")
-        add("RL: objective/scores", m.upper(), path, "objective/scores")
+        if m not in ONLINE:  # an online method's loss is not a progress measure (RLOO's is ~0 by construction)
+            add(f"{m.upper()}: loss", "train", path, "loss")
+            add(f"{m.upper()}: loss", "held out", path, "eval/loss")
+        add("rewards/accuracies (implicit reward)", m.upper(), path, "rewards/accuracies")
+        add("online RL: objective/scores", m.upper(), path, "objective/scores")
+        add("online RL: objective/kl", m.upper(), path, "objective/kl")
     return panels
 
 

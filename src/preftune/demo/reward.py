@@ -4,17 +4,18 @@ The course exercise prefers completions of a Shakespeare prefix that are *concis
 style*, and rejects those that *ramble into long multi-speaker dialogue*. ``shakespeare_reward`` writes
 that preference down as a function of the completion's text, term by term::
 
-    r(x, y) =  1.0 * finished       1 if y ends a sentence (its last line is verse ending . ! or ?)
-                                    and says something (at least 4 words)
-             + 0.5 * metre          mean over y's lines of max(0, 1 - |syllables - 10| / 5):
-                                    lines near the ten syllables of iambic pentameter
-             - 1.0 * interruptions  speaker names, stage directions and headings in y: other
-                                    voices breaking in (the multi-speaker ramble)
-             - 0.1 * excess_words   words beyond 24 (about two lines of verse)
-             - 2.0 * empty          y has fewer than 4 words: it says nothing
+    r(x, y) =  1.0 * finished        1 if y ends a sentence: its last line is verse (not a speaker or
+                                     a stage direction) ending with . ! or ?
+             + 0.5 * metre           mean over y's lines of max(0, 1 - |syllables - 10| / 5):
+                                     lines near the ten syllables of iambic pentameter
+             - 1.0 * interruptions   speaker names, stage directions and headings in y: other
+                                     voices breaking in (the multi-speaker ramble)
+             - 0.1 * excess_words    words beyond 24 (about two lines of verse)
+             - 0.25 * missing_words  words short of 8 (a line of verse): a completion that
+                                     hardly says anything (an empty one costs 2)
 
 The best completions score about 1.5 (one or two lines of pentameter that finish the sentence); a
-ramble across three speeches scores -3 or less. ``preftune compare --judge
+ramble across three speeches scores -3 or less; four words and a full stop score about 0. ``preftune compare --judge
 function:preftune.demo.reward:shakespeare_reward`` uses it as the ground-truth judge.
 
 Annotators. Each simulated annotator weighs the same terms with weights of their own (one cares
@@ -34,8 +35,8 @@ from dataclasses import dataclass, field
 
 from preftune.demo.corpus import is_speaker, is_stage_direction
 
-WEIGHTS = {"finished": 1.0, "metre": 0.5, "interruptions": -1.0, "excess_words": -0.1, "empty": -2.0}
-MIN_WORDS = 4         # fewer words than this is an empty completion
+WEIGHTS = {"finished": 1.0, "metre": 0.5, "interruptions": -1.0, "excess_words": -0.1, "missing_words": -0.25}
+LINE_WORDS = 8        # words of a line of verse: shorter completions lose 0.25 per missing word
 CONCISE_WORDS = 24    # words allowed before the length penalty starts (about two lines of verse)
 PENTAMETER = 10       # syllables of a line of iambic pentameter
 _HEADING = re.compile(r"^(ACT|Act|SCENE|Scene)\b")
@@ -61,11 +62,11 @@ def terms(completion: str) -> dict[str, float]:
     metre = [max(0.0, 1.0 - abs(sum(syllables(w) for w in _WORD.findall(line)) - PENTAMETER) / 5)
              for line in verse if _WORD.findall(line)]
     return {
-        "finished": float(len(words) >= MIN_WORDS and lines[-1] not in voices and lines[-1].endswith((".", "!", "?"))),
+        "finished": float(bool(words) and lines[-1] not in voices and lines[-1].endswith((".", "!", "?"))),
         "metre": sum(metre) / len(metre) if metre else 0.0,
         "interruptions": float(len(voices)),
         "excess_words": float(max(0, len(words) - CONCISE_WORDS)),
-        "empty": float(len(words) < MIN_WORDS),
+        "missing_words": float(max(0, LINE_WORDS - len(words))),
     }
 
 
