@@ -97,7 +97,7 @@ def win_rate_intervals(names: Sequence[str], series: Mapping[str, Sequence[tuple
     dashed line at 0.5 (no better than the baseline)."""
     plt = _pyplot()
     n, k = len(names), max(len(series), 1)
-    fig, ax = plt.subplots(figsize=(7.0, 1.6 + 0.22 * n * (k + 1)), layout="constrained")
+    fig, ax = plt.subplots(figsize=(7.0, 1.4 + 0.16 * n * (k + 1)), layout="constrained")
     colors = ("#1565c0", "#ef6c00", "#6a1b9a", "#2e7d32")
     for s, (label, points) in enumerate(series.items()):
         ys = [n - 1 - i + (0.2 * (k - 1) / 2 - 0.2 * s) for i in range(n)]

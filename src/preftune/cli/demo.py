@@ -32,7 +32,7 @@ def demo(
     if fresh and output.exists():
         shutil.rmtree(output)
     run = Demo(output, preset(quick), cache_dir=cache_dir,
-               log=lambda message: console.print(f"[bold cyan]demo[/] {message}", highlight=False))
+               log=lambda message: console.print(f"[bold cyan]demo[/] {message}", highlight=False, soft_wrap=True))
     summary = run.run(until=until)
     if summary is None:
         return
@@ -41,10 +41,10 @@ def demo(
         g = judges["ground_truth"]
         lo, hi = g["win_rate_ci"] or (float("nan"), float("nan"))
         console.print(f"[bold]{method.upper():5}[/] vs SFT (ground-truth judge): W/T/L {g['wins']}/{g['ties']}/"
-                      f"{g['losses']}, win rate [bold]{g['win_rate']:.2f}[/] (95% CI {lo:.2f}-{hi:.2f})")
+                      f"{g['losses']}, win rate [bold]{g['win_rate']:.2f}[/] (95% CI {lo:.2f}-{hi:.2f})", soft_wrap=True)
     rm = summary["reward_model"]
     console.print(f"[bold]reward model[/] held-out accuracy {rm['accuracy_vs_ground_truth']:.2f} "
-                  f"(vs ground truth), {rm['accuracy_vs_labels']:.2f} (vs the annotators' labels)")
+                  f"(vs ground truth), {rm['accuracy_vs_labels']:.2f} (vs the annotators' labels)", soft_wrap=True)
     console.print(f"total {sum(summary['seconds'].values()):.0f} s; report: [bold]{output / 'report.html'}[/]")
 
 

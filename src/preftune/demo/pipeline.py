@@ -102,6 +102,8 @@ class Demo:
         from preftune.train.loop import run
 
         base = {"output_dir": str(output), "seed": self.settings.seed, "report_to": "none", "log_every": 5}
+        if command in ("sft", "reward", "dpo"):
+            base["group_by_length"] = True  # less padding (offline methods only)
         return run(command, {**base, **keys})
 
     # ------------------------------------------------------------------------------------------ 1. corpus

@@ -34,7 +34,7 @@ class DemoSettings:
     sft_steps: int = 80
     sft_learning_rate: float = 1e-3
     # preference data: K completions per prefix from the SFT model, pairs labelled by the panel
-    pref_prompts: int = 400
+    pref_prompts: int = 600
     val_prompts: int = 40                  # held-out prefixes for the reward model's accuracy
     completions_per_prompt: int = 4
     pairs_per_prompt: int = 6              # pairs drawn from the K-choose-2 of each prompt (6 = all of K = 4)
@@ -47,7 +47,7 @@ class DemoSettings:
     top_k: int = 50
     generate_batch_size: int = 64
     # preference training
-    reward_steps: int = 120
+    reward_steps: int = 160
     reward_learning_rate: float = 3e-4
     dpo_beta: float = 0.3
     dpo_learning_rate: float = 2e-4
@@ -56,7 +56,7 @@ class DemoSettings:
     pref_epochs: float = 2.0
     pref_batch_size: int = 16
     # online RL against the learned reward model (prompts: the preference prefixes)
-    rl_steps: int = 60
+    rl_steps: int = 48
     rl_batch_size: int = 8                 # prompts per step (x rl_num_samples completions)
     rl_num_samples: int = 4
     rl_kl_coef: float = 0.05
