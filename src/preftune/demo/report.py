@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from preftune.demo.pipeline import _read_jsonl
 from preftune.demo.reward import WEIGHTS
 
 STAGE_TITLES = {
@@ -107,10 +108,6 @@ pre{background:#f4f4f4;padding:10px;overflow-x:auto;font-size:13px}code{backgrou
 
 def _ci(ci: Sequence[float] | None) -> str:
     return f"[{ci[0]:.2f}, {ci[1]:.2f}]" if ci else ""
-
-
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def summary(demo: Any) -> dict[str, Any]:
