@@ -48,6 +48,7 @@ class Demo:
         self.out, self.settings = Path(output), settings
         self.cache = Path(cache_dir) if cache_dir else default_cache_dir()
         self.log = log or print
+        self._models: dict[str, tuple[Any, Any]] = {}  # path -> (model, tokenizer) loaded for generation
         self.stages: list[tuple[str, Callable[[], dict[str, Any]]]] = [
             ("corpus", self.stage_corpus), ("base", self.stage_base), ("sft", self.stage_sft),
             ("preferences", self.stage_preferences), ("reward", self.stage_reward),
@@ -194,6 +195,8 @@ class Demo:
             records = self._generate(sft, prompts, num=s.completions_per_prompt, name="sft", seed=seed)
             _write_jsonl(out / f"{split}_completions.jsonl", records)
             pairs = _pairs_per_prompt(records, s.pairs_per_prompt, seed=seed)
+            if split == "train":  # the same pairs for people to label in the browser
+                _write_jsonl(out / "pairs.jsonl", [{"prompt": p, "response_a": a, "response_b": b} for p, a, b in pairs])
             judgements = annotate_pairs(pairs, second_opinion=s.second_opinion, seed=seed)
             for j in judgements:
                 j["true_choice"] = int(shakespeare_reward(j["prompt"], j["second"]) >
@@ -202,9 +205,6 @@ class Demo:
             _write_jsonl(out / f"{split}.jsonl", preference_rows(judgements))
             result[split] = {**_label_stats(judgements), "completions": len(records),
                              "empty_completions": sum(not r["completion"].strip() for r in records)}
-        _write_jsonl(out / "pairs.jsonl", [{"prompt": p, "response_a": a, "response_b": b} for p, a, b in
-                                           _pairs_per_prompt(_read_jsonl(out / "train_completions.jsonl"),
-                                                             s.pairs_per_prompt, seed=s.seed)])
         result["panel"] = [{"name": a.name, "group": a.group, "temperature": a.temperature, "emphasis": a.emphasis}
                            for a in PANEL]
         return result
@@ -281,19 +281,25 @@ class Demo:
                                                      seed=s.seed + 1000, temperature=s.eval_temperature))
         judges = {"ground_truth": FunctionJudge(GROUND_TRUTH),
                   "reward_model": RewardModelJudge(self.marker("reward")["model"])}
+        # every pair of models under the ground truth (a Bradley-Terry ranking); its pairs with the SFT model
+        # (the first file, so the baseline) are the comparisons against SFT; the reward model judges those only
+        ranking = compare_models([files[n] for n in files], judges["ground_truth"], n_bootstrap=s.n_bootstrap,
+                                 seed=s.seed, names=list(files))
+        write_report(ranking, out / "ranking_ground_truth")
+        against_sft = {"ground_truth": {p.candidate: p for p in ranking.pairs if p.baseline == "sft"},
+                       "reward_model": {m: compare_generations(files["sft"], files[m], judges["reward_model"],
+                                                               n_bootstrap=s.n_bootstrap, seed=s.seed,
+                                                               baseline_name="sft", candidate_name=m)
+                                        for m in s.methods}}
         results: dict[str, Any] = {}
-        for judge_name, judge in judges.items():
+        for judge_name, by_method in against_sft.items():
             for method in s.methods:
-                res = compare_generations(files["sft"], files[method], judge, n_bootstrap=s.n_bootstrap,
-                                          seed=s.seed, baseline_name="sft", candidate_name=method)
+                res = by_method[method]
                 write_report(res, out / f"{method}_vs_sft_{judge_name}")
                 results.setdefault(method, {})[judge_name] = {
                     "wins": res.wins, "ties": res.ties, "losses": res.losses, "win_rate": res.win_rate,
                     "win_rate_ci": list(res.win_rate_ci) if res.win_rate_ci else None,
                     "length_controlled_win_rate": res.length_controlled.get("win_rate")}
-        ranking = compare_models([files[n] for n in files], judges["ground_truth"], n_bootstrap=s.n_bootstrap,
-                                 seed=s.seed, names=list(files))
-        write_report(ranking, out / "ranking_ground_truth")
         return {"results": results, "files": {k: str(v) for k, v in files.items()}}
 
     # ------------------------------------------------------------------------------------------ 8. report
@@ -309,9 +315,11 @@ class Demo:
         from preftune.generate import GenerationSettings, generate_completions
         from preftune.models import load_policy, load_tokenizer
 
-        s = self.settings
-        tokenizer = load_tokenizer(str(model_path))
-        model = load_policy(str(model_path), tokenizer=tokenizer)
+        s, key = self.settings, str(model_path)
+        if key not in self._models:  # each model is loaded once per run (the SFT model serves two stages)
+            tokenizer = load_tokenizer(key)
+            self._models[key] = (load_policy(key, tokenizer=tokenizer), tokenizer)
+        model, tokenizer = self._models[key]
         settings = GenerationSettings(temperature=s.temperature if temperature is None else temperature,
                                       top_k=s.top_k, max_new_tokens=s.max_new_tokens,
                                       min_new_tokens=s.min_new_tokens, seed=s.seed if seed is None else seed)

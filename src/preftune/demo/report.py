@@ -227,7 +227,6 @@ def _curves(demo: Any) -> dict[str, dict[str, tuple[list[float], list[float]]]]:
 
 def _course_table(doc: Doc, demo: Any, methods: list[str]) -> None:
     """The course exercise's table: for each of its five prefixes, the verdict of each completion id."""
-    course = 5
     doc.h(2, "The course's table: the five course prefixes")
     doc.p("Verdict of each tuned model's completion against the SFT model's completion with the same id, "
           "under the ground-truth judge (W: the tuned model won, T: tie, L: SFT won).")
@@ -235,7 +234,7 @@ def _course_table(doc: Doc, demo: Any, methods: list[str]) -> None:
     rows = []
     per_method = {m: json.loads((demo.out / "eval" / f"{m}_vs_sft_ground_truth" / "comparison.json")
                                 .read_text(encoding="utf-8"))["per_prompt"] for m in methods}
-    for i in range(min(course, len(per_method[methods[0]]))):
+    for i in range(min(5, len(per_method[methods[0]]))):  # the course's five prefixes come first
         p = per_method[methods[0]][i]
         cells = []
         for m in methods:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 # Bump when a stage's recipe changes in a way the settings do not show, so cached base models are rebuilt.
@@ -67,7 +67,6 @@ class DemoSettings:
     eval_completions: int = 3
     n_bootstrap: int = 1000
     methods: tuple[str, ...] = ("dpo", "orpo", "ppo", "rloo")
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
