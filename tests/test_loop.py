@@ -313,7 +313,7 @@ def test_grouped_order_is_a_seeded_permutation_per_epoch() -> None:
     permutation, the same for the same (seed, epoch) (recomputed, not cached), different across epochs and
     seeds; it leaves out the same 4 items as the random order; each step's 8 items are sorted longest first,
     the step holding the longest item comes first and the other steps are not sorted by length."""
-    from preftune.train.loop import _epoch_order
+    from preftune.train.plan import _epoch_order
 
     lengths = [max(r) for r in _pair_rows(100)]
     order = epoch_order(100, seed=7, epoch=0, lengths=lengths, group=8)

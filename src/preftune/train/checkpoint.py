@@ -5,7 +5,7 @@ A checkpoint holds everything the next step depends on:
 * model weights, optimizer state (AdamW moments), the learning-rate scheduler and the RNG states of
   python, numpy and torch (CPU and CUDA) of every process, written by ``accelerator.save_state``;
 * ``trainer_state.json``: the step counter, the data plan (examples, global batch, steps per epoch,
-  length grouping; the position in the data is a pure function of the step, see ``loop.batch_indices``)
+  length grouping; the position in the data is a pure function of the step, see ``plan.batch_indices``)
   and the metric sums accumulated since the last log line, so a resumed run writes the same
   metrics.jsonl lines;
 * ``method_state_R.pt`` (one per process R) when the method has ``state_dict()`` / ``load_state_dict()``:
@@ -41,7 +41,7 @@ class TrainerState:
     global_batch: int = 0                          # examples per optimizer step over all processes
     steps_per_epoch: int = 0
     total_steps: int = 0
-    group_by_length: bool = False                  # steps of items of similar length (loop.epoch_order)
+    group_by_length: bool = False                  # steps of items of similar length (plan.epoch_order)
     pending: dict[str, Any] = field(default_factory=dict)  # metric sums since the last log line
 
     def to_json(self) -> str:

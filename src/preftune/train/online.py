@@ -186,7 +186,7 @@ class OnlineMethod:
 
     def _batch_share(self, num_items: int, batch: int) -> list[int]:
         """This process's share of global batch ``batch`` (0-based) of ``num_items`` in the seeded order."""
-        from preftune.train.loop import batch_indices
+        from preftune.train.plan import batch_indices
 
         per_process = self.config.batch_size * self.config.grad_accum
         indices = batch_indices(self._plan(num_items), batch, seed=self.config.seed)
@@ -196,7 +196,7 @@ class OnlineMethod:
     def before_step(self, model: torch.nn.Module, step: int) -> list[Any]:
         """The step's items: make rollout ``step // (E*M)`` when it is not the buffered one, then return
         mini-batch ``within mod M`` of pass ``within // M`` over it (plus PPO-ptx rows)."""
-        from preftune.train.loop import split_for_process
+        from preftune.train.plan import split_for_process
         from preftune.train.rollout import rollout_seed
 
         c = self.config
