@@ -18,13 +18,12 @@ from preftune.errors import PreftuneError
 from preftune.prefs import (
     aggregate,
     bradley_terry_table,
-    fit_bradley_terry,
     plackett_luce,
     plackett_luce_top_k,
-    read_comparisons,
     read_ratings,
     sigmoid,
 )
+from preftune.prefs_fit import fit_bradley_terry, read_comparisons
 
 ROOT = Path(__file__).resolve().parents[1]
 COURSE = json.loads((ROOT / "tests" / "data" / "course_exercise.json").read_text())

@@ -187,7 +187,7 @@ def fit(
     as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
 ) -> None:
     """Fit Bradley-Terry strengths (ties count half) with bootstrap 95% intervals; rank the players."""
-    from preftune.prefs import fit_bradley_terry, read_comparisons
+    from preftune.prefs_fit import fit_bradley_terry, read_comparisons
 
     data = read_comparisons(comparisons)
     if not as_json and bootstrap > 0:
