@@ -193,7 +193,7 @@ def dpo_method(model, *, beta: float = 0.1):
 
 def make_step(method, *, device: str, autocast_dtype, lr: float = 1e-4, max_grad_norm: float = 1.0):
     """One optimizer step as ``train/loop.py`` does it: ``DPOMethod.collate`` -> ``DPOMethod.loss`` (one
-    forward over chosen + rejected, preftune.logprobs, preference_loss('dpo')) -> backward -> clip ->
+    forward over chosen + rejected, preftune.core.logprobs, preference_loss('dpo')) -> backward -> clip ->
     AdamW step. Returns ``step(items) -> (loss, batch)``."""
     model = method.model
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)

@@ -9,7 +9,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from preftune.annotate.app import COOKIE, create_app
-from preftune.annotate.store import AnnotationStore, Pair
+from preftune.data.annotations import AnnotationStore, Pair
 
 
 @pytest.fixture

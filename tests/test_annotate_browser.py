@@ -121,7 +121,7 @@ class Annotator:
 
 
 def stored(db: Path) -> dict[str, list[tuple[str, str]]]:
-    from preftune.annotate.store import AnnotationStore
+    from preftune.data.annotations import AnnotationStore
 
     out: dict[str, list[tuple[str, str]]] = {}
     for lab in AnnotationStore(db).labels():

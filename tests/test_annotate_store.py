@@ -12,7 +12,8 @@ from typer.testing import CliRunner
 from preftune.annotate.export import pair_agreement, preference_rows
 from preftune.annotate.sources import load_generations, load_pairs_file
 from preftune.annotate.stats import agreement, cohen_kappa, fleiss_kappa, fleiss_observed, label_counts
-from preftune.annotate.store import (
+from preftune.cli import app
+from preftune.data.annotations import (
     AnnotationStore,
     DuplicateLabelError,
     InvalidLabelError,
@@ -26,7 +27,6 @@ from preftune.annotate.store import (
     seeded_left_is_a,
     side_to_choice,
 )
-from preftune.cli import app
 from preftune.errors import PreftuneError
 
 

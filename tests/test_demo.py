@@ -90,14 +90,14 @@ def test_a_second_run_skips_every_finished_stage(quick_run):
 
 def test_an_interrupted_run_resumes_from_the_last_finished_stage(quick_run, tmp_path, monkeypatch):
     """Stop the run inside the reward stage; the next run skips corpus..preferences and finishes."""
-    from preftune.demo.settings import QUICK
+    from preftune.experiments.demo.settings import QUICK
 
     out, cache, _ = quick_run
     copy = tmp_path / "out"
     shutil.copytree(out, copy)
     for stage in ("reward", *QUICK.methods, "evaluate", "report"):
         (copy / "stages" / f"{stage}.json").unlink()
-    from preftune.demo import pipeline
+    from preftune.experiments.demo import pipeline
 
     original = pipeline.Demo.stage_reward
 

@@ -7,8 +7,8 @@ import random
 
 import pytest
 
-from preftune.demo import corpus
-from preftune.demo.reward import (
+from preftune.experiments.demo import corpus
+from preftune.experiments.demo.reward import (
     PANEL,
     Annotator,
     annotate_pairs,

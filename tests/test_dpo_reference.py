@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from preftune.config import DPOConfig, from_mapping
+from preftune.core.losses import dpo_loss
 from preftune.data.collate import collate_pairs
 from preftune.data.formats import PreferencePair
 from preftune.data.tokenize import tokenize_preferences
-from preftune.losses import dpo_loss
 from preftune.train.dpo import DPOMethod, sequence_logps
 from preftune.train.loop import read_metrics, train
 
@@ -40,7 +40,7 @@ def _config(tmp_path: Path, model: Path, **keys) -> DPOConfig:
 @pytest.fixture(scope="module")
 def other_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny model with other random weights (seed 1): a reference that differs from the policy."""
-    from preftune.testing import make_tiny
+    from preftune.models.tiny import make_tiny
 
     return make_tiny(tmp_path_factory.mktemp("tiny-seed1") / "tiny", seed=1)
 

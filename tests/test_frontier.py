@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from preftune.errors import PreftuneError
-from preftune.frontier import FrontierConfig, frontier, plan_runs
+from preftune.experiments.frontier import FrontierConfig, frontier, plan_runs
 
 REPO = Path(__file__).resolve().parents[1]
 

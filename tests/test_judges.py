@@ -167,7 +167,7 @@ def annotation_db(tmp_path: Path) -> Path:
     p4: s vs t   ann1 skip                  -> no vote: missing
     p5: g vs h   ann1 a, ann2 tie           -> g has 1 of 2, not more than half: tie
     """
-    from preftune.annotate.store import AnnotationStore, Pair
+    from preftune.data.annotations import AnnotationStore, Pair
 
     path = tmp_path / "labels.db"
     store = AnnotationStore(path)

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from preftune.logprobs import (
+from preftune.core.logprobs import (
     IGNORE_INDEX,
     auto_chunk_size,
     causal_lm_token_logps,

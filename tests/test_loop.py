@@ -1,6 +1,6 @@
 """The training loop: accumulation invariance, exact resume, metrics.jsonl, checkpoints, LoRA, group_by_length.
 
-Every test trains the 2-layer, 64-dim tiny Llama of `preftune.testing` for a few steps on CPU.
+Every test trains the 2-layer, 64-dim tiny Llama of `preftune.models.tiny` for a few steps on CPU.
 """
 
 from __future__ import annotations
@@ -69,7 +69,7 @@ def _weights(path: Path) -> dict[str, torch.Tensor]:
 @pytest.fixture(scope="module")
 def dropout_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny model with attention dropout 0.1, so every step consumes the torch RNG."""
-    from preftune.testing import make_tiny
+    from preftune.models.tiny import make_tiny
 
     return make_tiny(tmp_path_factory.mktemp("tiny-dropout"), seed=0, attention_dropout=0.1)
 

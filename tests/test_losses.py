@@ -1,4 +1,4 @@
-"""Tests for preftune.losses: hand-derived values for every loss, plus the properties from DESIGN.md.
+"""Tests for preftune.core.losses: hand-derived values for every loss, plus the properties from DESIGN.md.
 
 Notation: h = log pi(y_w)/pi_ref(y_w) - log pi(y_l)/pi_ref(y_l); softplus(z) = log(1 + e^z), so
 -log sigma(z) = softplus(-z) and softplus(z) - softplus(-z) = z.
@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from preftune import losses as L
+from preftune.core import losses as L
 
 COURSE = json.loads((Path(__file__).parent / "data" / "course_exercise.json").read_text())["expected"]
 REF_BASED = [n for n, s in L.LOSSES.items() if s.needs_reference]
@@ -383,8 +383,8 @@ def test_first_place_probabilities():
 
 
 def test_import_is_light():
-    """`import preftune.losses` must not pull in transformers, matplotlib, typer or the CLI."""
-    code = ("import sys, preftune.losses; heavy = [m for m in ('transformers', 'matplotlib', 'typer', "
+    """`import preftune.core.losses` must not pull in transformers, matplotlib, typer or the CLI."""
+    code = ("import sys, preftune.core.losses; heavy = [m for m in ('transformers', 'matplotlib', 'typer', "
             "'preftune.cli', 'accelerate') if m in sys.modules]; print(heavy); sys.exit(1 if heavy else 0)")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stdout + res.stderr

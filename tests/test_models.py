@@ -48,7 +48,7 @@ def test_a_tokenizer_without_pad_or_eos_gets_a_new_pad_and_the_model_grows(tmp_p
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    from preftune.testing import build_tiny_model
+    from preftune.models.tiny import build_tiny_model
 
     raw = Tokenizer(models.WordLevel(vocab={"a": 0, "b": 1}, unk_token="a"))
     raw.pre_tokenizer = pre_tokenizers.WhitespaceSplit()

@@ -1,4 +1,4 @@
-"""preftune.prefs: Bradley-Terry tables, MaxMin, Plackett-Luce and Bradley-Terry fits.
+"""preftune.core.prefs: Bradley-Terry tables, MaxMin, Plackett-Luce and Bradley-Terry fits.
 
 Reference values come from tests/data/course_exercise.json (6 decimals); the others are derived by
 hand in each test's docstring.
@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from preftune.errors import PreftuneError
-from preftune.prefs import (
+from preftune.core.bt_fit import fit_bradley_terry, read_comparisons
+from preftune.core.prefs import (
     aggregate,
     bradley_terry_table,
     plackett_luce,
@@ -23,7 +23,7 @@ from preftune.prefs import (
     read_ratings,
     sigmoid,
 )
-from preftune.prefs_fit import fit_bradley_terry, read_comparisons
+from preftune.errors import PreftuneError
 
 ROOT = Path(__file__).resolve().parents[1]
 COURSE = json.loads((ROOT / "tests" / "data" / "course_exercise.json").read_text())
@@ -175,8 +175,8 @@ def test_plackett_luce_top_k():
 
 
 def test_plackett_luce_agrees_with_torch_losses():
-    """prefs (math) and preftune.losses (torch) implement the same formula independently."""
-    losses = pytest.importorskip("preftune.losses")
+    """prefs (math) and preftune.core.losses (torch) implement the same formula independently."""
+    losses = pytest.importorskip("preftune.core.losses")
     import torch
 
     rng = np.random.default_rng(3)

@@ -1,4 +1,4 @@
-"""preftune.rl by hand: KL estimators, shaped rewards, the KL controllers, GAE, the leave-one-out and mean
+"""preftune.core.rl by hand: KL estimators, shaped rewards, the KL controllers, GAE, the leave-one-out and mean
 baselines, whitening, PPO's clipped policy and value losses, and the light import."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from preftune import rl
+from preftune.core import rl
 
 
 def t(*rows) -> torch.Tensor:
@@ -144,6 +144,6 @@ def test_clipped_value_loss_by_hand() -> None:
 
 
 def test_importing_rl_stays_light() -> None:
-    code = "import sys, preftune.rl; print('transformers' in sys.modules, 'accelerate' in sys.modules)"
+    code = "import sys, preftune.core.rl; print('transformers' in sys.modules, 'accelerate' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False", "False"]

@@ -159,7 +159,7 @@ def test_ppo_first_pass_is_reinforce(float64_model_dir, tmp_path):
 def test_rloo_gradient_is_reinforce_with_the_leave_one_out_baseline(float64_model_dir, tmp_path):
     """RLOO's loss with one pass has the gradient -sum_i A_i grad log pi(y_i|x) / B with
     A_i = R_i - mean_{j != i} R_j over each prompt's K = 4 samples and R_i = score - beta * KL_i."""
-    from preftune.rl import leave_one_out_advantages
+    from preftune.core.rl import leave_one_out_advantages
     from preftune.train.rollout import policy_logits, response_logps
 
     config = resolve_config("rloo", _keys(float64_model_dir, tmp_path, num_samples=4, dtype="auto",

@@ -1,6 +1,6 @@
 """Training options the loop promises: TensorBoard through accelerate's trackers, gradient checkpointing.
 
-Both train the tiny in-process Llama of `preftune.testing` for a few SFT steps on CPU.
+Both train the tiny in-process Llama of `preftune.models.tiny` for a few SFT steps on CPU.
 """
 
 from __future__ import annotations

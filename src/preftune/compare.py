@@ -285,7 +285,7 @@ class MultiComparison:
 
     models: list[str]
     pairs: list[ComparisonResult]
-    ranking: Any  # preftune.prefs_fit.BTFit
+    ranking: Any  # preftune.core.bt_fit.BTFit
 
     def to_dict(self) -> dict[str, Any]:
         return {"models": self.models, "pairs": [p.to_dict() for p in self.pairs], "ranking": self.ranking.to_dict()}
@@ -294,8 +294,8 @@ class MultiComparison:
 def compare_models(sources: Sequence[str | Path | Sequence[dict[str, Any]]], judge: Any, *, n_bootstrap: int = 1000,
                    seed: int = 0, names: Sequence[str] | None = None) -> MultiComparison:
     """Judge all pairs (i < j: model i is the baseline) and fit Bradley-Terry strengths with bootstrap
-    intervals (``preftune.prefs_fit.fit_bradley_terry``) to all judged comparisons, a tie counting half."""
-    from preftune.prefs_fit import fit_bradley_terry
+    intervals (``preftune.core.bt_fit.fit_bradley_terry``) to all judged comparisons, a tie counting half."""
+    from preftune.core.bt_fit import fit_bradley_terry
 
     if len(sources) < 2:
         raise PreftuneError("compare needs at least two generation files")

@@ -185,12 +185,12 @@ class DPOConfig(PairConfig):
         self.loss_hparams()
 
     def loss_hparams(self) -> dict[str, Any]:
-        """The keyword hyperparameters for ``preftune.losses.preference_loss(self.loss, ...)``.
+        """The keyword hyperparameters for ``preftune.core.losses.preference_loss(self.loss, ...)``.
 
         Flat keys (beta, label_smoothing, gamma, alpha) that are set, plus ``loss_kwargs``; a key the
         chosen loss does not accept is an error naming it and listing what the loss accepts.
         """
-        from preftune.losses import LOSSES  # torch only; imported when a DPO config is validated
+        from preftune.core.losses import LOSSES  # torch only; imported when a DPO config is validated
 
         spec = LOSSES.get(self.loss)
         if spec is None:

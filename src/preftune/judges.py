@@ -334,7 +334,7 @@ class HumanJudge(Judge):
         self.name = f"human:{db_path}"
 
     def judge_pairs(self, prompts: Sequence[str], pairs: Sequence[Pair]) -> Judgements:
-        from preftune.annotate.store import AnnotationStore
+        from preftune.data.annotations import AnnotationStore
 
         _check_lengths(prompts, pairs)
         return majority_verdicts(AnnotationStore(self.db_path).labels(), prompts, pairs)

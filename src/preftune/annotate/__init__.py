@@ -6,6 +6,6 @@ preference data for ``preftune train reward``. Other code reads labels with
 ``AnnotationStore(path).labels()``.
 """
 
-from preftune.annotate.store import AnnotationStore, Assignment, Label, Pair, Progress
+from preftune.data.annotations import AnnotationStore, Assignment, Label, Pair, Progress
 
 __all__ = ["AnnotationStore", "Assignment", "Label", "Pair", "Progress"]

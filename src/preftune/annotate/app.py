@@ -25,7 +25,7 @@ from fastapi.responses import HTMLResponse, PlainTextResponse, RedirectResponse,
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 
-from preftune.annotate.store import (
+from preftune.data.annotations import (
     AnnotationStore,
     DuplicateLabelError,
     InvalidLabelError,

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from preftune.annotate.store import Label
+from preftune.data.annotations import Label
 from preftune.errors import PreftuneError
 
 TIES = ("drop", "keep", "separate")

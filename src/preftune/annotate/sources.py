@@ -23,7 +23,7 @@ from itertools import combinations
 from pathlib import Path
 from typing import Any
 
-from preftune.annotate.store import Pair, content_id
+from preftune.data.annotations import Pair, content_id
 from preftune.errors import PreftuneError
 
 

@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from itertools import combinations
 
-from preftune.annotate.store import Label
+from preftune.data.annotations import Label
 
 CATEGORIES = ("a", "b", "tie")
 

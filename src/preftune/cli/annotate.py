@@ -40,7 +40,7 @@ def _n(k: int, noun: str) -> str:
 
 
 def _open_store(db: Path, *, must_exist: bool):
-    from preftune.annotate.store import AnnotationStore
+    from preftune.data.annotations import AnnotationStore
 
     if must_exist and not db.exists():
         raise PreftuneError("no annotation database here", path=str(db),

@@ -26,8 +26,8 @@ def demo(
 
     An interrupted run continues from its last finished stage when the same command runs again.
     """
-    from preftune.demo.pipeline import Demo
-    from preftune.demo.settings import preset
+    from preftune.experiments.demo.pipeline import Demo
+    from preftune.experiments.demo.settings import preset
 
     if fresh and output.exists():
         shutil.rmtree(output)

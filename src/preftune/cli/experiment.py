@@ -1,6 +1,6 @@
 """`preftune experiment frontier CONFIG.yaml [--key value ...]`: the reward-vs-KL frontier of every method.
 
-Keys come from ``preftune.frontier.FrontierConfig`` (YAML file, then ``--key value`` overrides; mappings
+Keys come from ``preftune.experiments.frontier.FrontierConfig`` (YAML file, then ``--key value`` overrides; mappings
 take ``--ppo.learning_rate 1e-5``); the command's help lists them all.
 """
 
@@ -19,7 +19,7 @@ experiment_app = typer.Typer(help="Experiments that train and compare several me
 
 
 def _frontier_keys() -> str:
-    from preftune.frontier import FrontierConfig
+    from preftune.experiments.frontier import FrontierConfig
 
     return _key_lines(keys(FrontierConfig))  # type: ignore[arg-type]
 
@@ -35,7 +35,7 @@ def frontier_command(
     Finished runs are skipped when the command is run again.
     """
     from preftune.config import load_config
-    from preftune.frontier import FrontierConfig, frontier
+    from preftune.experiments.frontier import FrontierConfig, frontier
 
     resolved = load_config(FrontierConfig, config, list(ctx.args))  # type: ignore[arg-type]
     result = frontier(resolved, log=lambda message: console.print(f"[dim]frontier[/] {message}", highlight=False))

@@ -37,7 +37,7 @@ def table(
     as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
 ) -> None:
     """Bradley-Terry P(y_i > y_j) for every pair of responses in every group, and each group's favourite."""
-    from preftune.prefs import bradley_terry_table, read_ratings
+    from preftune.core.prefs import bradley_terry_table, read_ratings
 
     result = bradley_terry_table(read_ratings(ratings), scale=scale)
     if as_json:
@@ -75,8 +75,8 @@ def aggregate(
     as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
 ) -> None:
     """MaxMin (egalitarian) choice next to the utilitarian choice and each group's favourite."""
-    from preftune.prefs import aggregate as aggregate_ratings
-    from preftune.prefs import read_ratings
+    from preftune.core.prefs import aggregate as aggregate_ratings
+    from preftune.core.prefs import read_ratings
 
     result = aggregate_ratings(read_ratings(ratings))
     if as_json:
@@ -155,7 +155,7 @@ def rank(
     as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
 ) -> None:
     """Plackett-Luce probability of a ranking and each response's probability of being ranked first."""
-    from preftune.prefs import plackett_luce
+    from preftune.core.prefs import plackett_luce
 
     order = [y.strip() for y in ranking.split(",") if y.strip()] if ranking else None
     result = plackett_luce(parse_rewards(rewards), order, top_k=top_k)
@@ -187,7 +187,7 @@ def fit(
     as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
 ) -> None:
     """Fit Bradley-Terry strengths (ties count half) with bootstrap 95% intervals; rank the players."""
-    from preftune.prefs_fit import fit_bradley_terry, read_comparisons
+    from preftune.core.bt_fit import fit_bradley_terry, read_comparisons
 
     data = read_comparisons(comparisons)
     if not as_json and bootstrap > 0:

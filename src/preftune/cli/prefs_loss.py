@@ -3,7 +3,7 @@
 Reward-model (Bradley-Terry) loss, DPO, IPO, cDPO, ORPO and SimPO for one example, from sequence
 probabilities (or log-probabilities with ``--log``). ``--beta-sweep`` plots a DPO-family loss against
 beta. Numbers print with 6 decimals; ``--json`` prints every number unrounded. The arithmetic is done
-by :mod:`preftune.losses`, the same functions the trainers use.
+by :mod:`preftune.core.losses`, the same functions the trainers use.
 """
 
 from __future__ import annotations
@@ -103,7 +103,7 @@ def _reference_parts(name: str, lp: tuple[float, float, float, float], hp: dict[
     """Loss, implicit rewards and the loss's own parts for one example of a reference-based loss."""
     import torch
 
-    from preftune import losses
+    from preftune.core import losses
 
     fn = {"dpo": losses.dpo_loss, "ipo": losses.ipo_loss, "cdpo": losses.cdpo_loss}[name]
     t = [torch.tensor([x], dtype=torch.float64) for x in lp]
@@ -267,7 +267,7 @@ def reward(
     """Bradley-Terry reward-model loss -log sigmoid(r_w - r_l [- m]) (InstructGPT Eq. 1, Llama 2 Eq. 2)."""
     import torch
 
-    from preftune.losses import bradley_terry_loss
+    from preftune.core.losses import bradley_terry_loss
 
     for v, f in ((chosen, "--chosen"), (rejected, "--rejected"), (margin or 0.0, "--margin")):
         if not math.isfinite(v):
@@ -346,7 +346,7 @@ def _reference_free(name: str, *, pc: float, pr: float, nc: int, nr: int, log: b
     """Validate the inputs of orpo / simpo and run the loss; returns (inputs, output, mean log-probs)."""
     import torch
 
-    from preftune import losses
+    from preftune.core import losses
 
     lp_c = _logp(pc, log=log, field="--policy-chosen")
     lp_r = _logp(pr, log=log, field="--policy-rejected")
@@ -380,7 +380,7 @@ def orpo(
     as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
 ) -> None:
     """ORPO loss -m_w + beta * -log sigmoid(log odds(y_w) - log odds(y_l)), m = log pi / length (Hong et al. 2024)."""
-    from preftune.losses import log1mexp
+    from preftune.core.losses import log1mexp
 
     inputs, (out, m_w, m_l) = _reference_free("orpo", pc=policy_chosen, pr=policy_rejected, nc=chosen_length,
                                               nr=rejected_length, log=log, hp={"beta": beta})

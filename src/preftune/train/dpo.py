@@ -6,7 +6,7 @@ For each pair the policy's sequence log-probs are summed over the response token
     logp(y|x) = sum_{t in response} log pi(y_t | x, y_<t)          and  |y| = number of those tokens
 
 chosen and rejected go through the model in ONE forward pass (a [2B, T] batch, chosen rows first).
-The loss is looked up by name in ``preftune.losses.LOSSES`` (dpo, ipo, cdpo, hinge, robust use the
+The loss is looked up by name in ``preftune.core.losses.LOSSES`` (dpo, ipo, cdpo, hinge, robust use the
 reference terms ``logp_ref``; orpo, simpo, unlikelihood use the token counts ``|y|`` instead), with
 ``beta`` and the loss's own keys from the config. The unit is the pair: the loss is the sum of per-pair
 losses divided by the number of pairs in the global batch.
@@ -48,7 +48,7 @@ def sequence_logps(model: Any, batch: dict[str, torch.Tensor], *,
     ``sum_t log pi(y_t | x, y_<t)`` over positions whose label is not -100 (the response and its EOS);
     positions come from the attention mask, so left and right padding give the same values.
     """
-    from preftune.logprobs import token_logps
+    from preftune.core.logprobs import token_logps
     from preftune.models import position_ids_from_mask
 
     mask = batch["attention_mask"]
@@ -74,7 +74,7 @@ class DPOMethod:
 
     # ------------------------------------------------------------------------------------------ setup
     def setup(self, ctx: RunContext) -> None:
-        from preftune.losses import LOSSES
+        from preftune.core.losses import LOSSES
         from preftune.models import load_policy, load_tokenizer
         from preftune.train.reward import load_preference_items
 
@@ -168,7 +168,7 @@ class DPOMethod:
 
     def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor], *, normaliser: float) -> StepOutput:
         """``sum_pairs loss_name(...) / normaliser`` plus the reward and log-prob metric sums."""
-        from preftune.losses import preference_loss
+        from preftune.core.losses import preference_loss
 
         logps, counts = sequence_logps(model, batch)
         pairs = logps.shape[0] // 2

@@ -92,9 +92,9 @@ class OnlineMethod:
 
     # ------------------------------------------------------------------------------------------ setup
     def setup(self, ctx: RunContext) -> None:
+        from preftune.core.rl import AdaptiveKLController, FixedKLController
         from preftune.generate import GenerationSettings, load_prompts
         from preftune.models import load_policy, load_tokenizer
-        from preftune.rl import AdaptiveKLController, FixedKLController
         from preftune.train.rollout import encode_prompts
 
         config: OnlineConfig = ctx.config
@@ -230,7 +230,7 @@ class OnlineMethod:
     # ------------------------------------------------------------------------------------------ the rollout
     def make_rollout(self, model: Any, rollout: int, step: int) -> dict[str, Any]:
         """Steps (1)-(4) and (6) for rollout ``rollout`` on this process; returns the buffer."""
-        from preftune.rl import kl_penalty, shaped_rewards
+        from preftune.core.rl import kl_penalty, shaped_rewards
         from preftune.train.rollout import (
             pad_rows,
             response_lengths_mask,
@@ -289,7 +289,7 @@ class OnlineMethod:
 
     def _statistics(self, ro: Rollout, beta: float) -> dict[str, float]:
         """Means over every process's rollout: sequence KL, entropy estimate, scores, length, EOS rate."""
-        from preftune.rl import sequence_entropy_estimate
+        from preftune.core.rl import sequence_entropy_estimate
 
         seq_kl = ro.kl.sum(-1)
         sums = torch.stack([seq_kl.sum(), sequence_entropy_estimate(ro.logps, ro.mask).sum(), ro.scores.sum(),
@@ -344,7 +344,7 @@ class OnlineMethod:
         the gamma * E[log pi(x)] term); 0 when the batch has no SFT rows."""
         if "ptx_input_ids" not in batch:
             return torch.zeros((), device=batch["input_ids"].device), {}
-        from preftune.logprobs import token_logps
+        from preftune.core.logprobs import token_logps
         from preftune.train.sft import next_token_labels
 
         logits = self.lm_logits(model, batch["ptx_input_ids"], batch["ptx_attention_mask"])

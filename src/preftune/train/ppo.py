@@ -97,7 +97,7 @@ class PPOMethod(OnlineMethod):
 
     # (4) advantages: GAE on the KL-shaped per-token rewards
     def advantages(self, ro: Rollout) -> tuple[list[dict[str, Any]], dict[str, float]]:
-        from preftune.rl import gae, whiten
+        from preftune.core.rl import gae, whiten
 
         c: PPOConfig = self.config
         rewards = whiten(ro.rewards, ro.mask, shift_mean=False) if c.whiten_rewards else ro.rewards
@@ -108,8 +108,8 @@ class PPOMethod(OnlineMethod):
 
     # (5) update: the clipped surrogate and the clipped value loss, summed over tokens
     def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor], *, normaliser: float) -> StepOutput:
+        from preftune.core.rl import approx_kl, clip_fraction, clipped_value_loss, ppo_policy_loss
         from preftune.models import position_ids_from_mask
-        from preftune.rl import approx_kl, clip_fraction, clipped_value_loss, ppo_policy_loss
         from preftune.train.rollout import response_columns, response_logps
 
         c: PPOConfig = self.config

@@ -88,7 +88,7 @@ def item_rewards(scores: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.
 def reward_losses(rewards: torch.Tensor, batch: dict[str, torch.Tensor], *, use_margin: bool,
                   center_coefficient: float = 0.0) -> torch.Tensor:
     """Per-item loss [B]: Bradley-Terry for pairs (with margin), the InstructGPT all-pairs loss for rankings."""
-    from preftune.losses import bradley_terry_loss, pairwise_ranking_loss
+    from preftune.core.losses import bradley_terry_loss, pairwise_ranking_loss
 
     mask = batch["response_mask"]
     ranking = pairwise_ranking_loss(rewards, mask=mask)  # Ouyang et al. 2022, Eq. 1

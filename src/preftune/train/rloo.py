@@ -36,7 +36,7 @@ class RLOOMethod(OnlineMethod):
 
     # (4) advantages: sequence rewards minus the baseline of the other samples of the prompt
     def advantages(self, ro: Rollout) -> tuple[list[dict[str, Any]], dict[str, float]]:
-        from preftune.rl import leave_one_out_advantages, mean_baseline_advantages, whiten
+        from preftune.core.rl import leave_one_out_advantages, mean_baseline_advantages, whiten
 
         c: RLOOConfig = self.config
         rewards = ro.rewards.sum(-1)  # r(x, y) - beta * sum_t KL_t
@@ -52,7 +52,7 @@ class RLOOMethod(OnlineMethod):
 
     # (5) update: -A * ratio of the whole completion (clipped), summed over completions
     def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor], *, normaliser: float) -> StepOutput:
-        from preftune.rl import approx_kl, clip_fraction, ppo_policy_loss
+        from preftune.core.rl import approx_kl, clip_fraction, ppo_policy_loss
         from preftune.train.rollout import policy_logits, response_logps
 
         c: RLOOConfig = self.config

@@ -120,8 +120,8 @@ def policy_logits(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
 def response_logps(logits: torch.Tensor, batch: dict[str, torch.Tensor], *,
                    temperature: float = 1.0) -> torch.Tensor:
     """[B, R] log-probs of the response tokens under ``softmax(logits / temperature)`` (0 on padding),
-    chunked (``preftune.logprobs.token_logps``: no fp32 [B, T, V] log-softmax)."""
-    from preftune.logprobs import token_logps
+    chunked (``preftune.core.logprobs.token_logps``: no fp32 [B, T, V] log-softmax)."""
+    from preftune.core.logprobs import token_logps
 
     if temperature != 1.0:
         logits = logits / temperature

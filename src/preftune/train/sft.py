@@ -97,7 +97,7 @@ class SFTMethod:
 
     def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor], *, normaliser: float) -> StepOutput:
         """``-sum(log pi(completion tokens)) / normaliser`` and the count of correctly predicted tokens."""
-        from preftune.logprobs import token_logps
+        from preftune.core.logprobs import token_logps
 
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                        use_cache=False).logits

@@ -6,7 +6,7 @@
 * MaxMin / egalitarian choice (Chakraborty et al. 2024, MaxMin-RLHF): the response whose worst
   rating over the groups is highest, next to the utilitarian choice (highest mean rating).
 * Plackett-Luce (Plackett 1975, Luce 1959): the probability of a ranking is a product of softmaxes.
-* Fitting Bradley-Terry strengths to pairwise comparisons is ``preftune.prefs_fit``.
+* Fitting Bradley-Terry strengths to pairwise comparisons is ``preftune.core.bt_fit``.
 
 Only the standard library and numpy are imported, so this module loads fast.
 """

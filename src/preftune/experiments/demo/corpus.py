@@ -34,7 +34,7 @@ _HEADING = re.compile(r"^(ACT|Act|SCENE|Scene|PROLOGUE|EPILOGUE|[IVXLC]+\.?$)\b"
 
 
 def corpus_dir() -> Path:
-    return Path(str(resources.files("preftune.demo") / "corpus"))
+    return Path(str(resources.files("preftune.experiments.demo") / "corpus"))
 
 
 def read_work(name: str) -> str:

@@ -13,7 +13,7 @@ Shapes and conventions:
 * ``logps`` are per-token log-probabilities ``log pi(y_t | x, y_<t)`` of the sampled tokens.
 * Hyperparameters are keyword-only; functions return per-element values and the caller reduces.
 
-Only torch is imported, so ``import preftune.rl`` stays light.
+Only torch is imported, so ``import preftune.core.rl`` stays light.
 """
 
 from __future__ import annotations

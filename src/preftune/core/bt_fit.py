@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from preftune.core.prefs import TIE, sigmoid
 from preftune.errors import PreftuneError
-from preftune.prefs import TIE, sigmoid
 
 ELO_PER_NAT = 400.0 / math.log(10.0)  # Elo points per unit of log-strength: 10^(d/400) = e^theta
 

@@ -16,7 +16,7 @@ that preference down as a function of the completion's text, term by term::
 
 The best completions score about 1.5 (one or two lines of pentameter that finish the sentence); a
 ramble across three speeches scores -3 or less; four words and a full stop score about 0. ``preftune compare --judge
-function:preftune.demo.reward:shakespeare_reward`` uses it as the ground-truth judge.
+function:preftune.experiments.demo.reward:shakespeare_reward`` uses it as the ground-truth judge.
 
 Annotators. Each simulated annotator weighs the same terms with weights of their own (one cares
 more about metre, one more about brevity, one tolerates dialogue) and answers through the
@@ -33,7 +33,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from preftune.demo.corpus import is_speaker, is_stage_direction
+from preftune.experiments.demo.corpus import is_speaker, is_stage_direction
 
 WEIGHTS = {"finished": 1.0, "metre": 0.5, "interruptions": -1.0, "excess_words": -0.1, "missing_words": -0.25}
 LINE_WORDS = 8        # words of a line of verse: shorter completions lose 0.25 per missing word

@@ -28,11 +28,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from preftune.demo import corpus as corpus_mod
-from preftune.demo.settings import RECIPE_VERSION, DemoSettings
 from preftune.errors import PreftuneError
+from preftune.experiments.demo import corpus as corpus_mod
+from preftune.experiments.demo.settings import RECIPE_VERSION, DemoSettings
 
-GROUND_TRUTH = "preftune.demo.reward:shakespeare_reward"
+GROUND_TRUTH = "preftune.experiments.demo.reward:shakespeare_reward"
 
 
 def default_cache_dir() -> Path:
@@ -142,7 +142,7 @@ class Demo:
         return self.cache / "demo-base" / key
 
     def stage_base(self) -> dict[str, Any]:
-        from preftune.testing import build_tiny_model, build_tiny_tokenizer
+        from preftune.models.tiny import build_tiny_model, build_tiny_tokenizer
 
         s, root = self.settings, self.base_dir()
         final = root / "run" / "final"
@@ -185,7 +185,12 @@ class Demo:
 
     # ------------------------------------------------------------------------------------------ 4. preferences
     def stage_preferences(self) -> dict[str, Any]:
-        from preftune.demo.reward import PANEL, annotate_pairs, preference_rows, shakespeare_reward
+        from preftune.experiments.demo.reward import (
+            PANEL,
+            annotate_pairs,
+            preference_rows,
+            shakespeare_reward,
+        )
 
         s, out = self.settings, self.out / "preferences"
         sft = self.marker("sft")["model"]
@@ -304,7 +309,7 @@ class Demo:
 
     # ------------------------------------------------------------------------------------------ 8. report
     def stage_report(self) -> dict[str, Any]:
-        from preftune.demo.report import write_demo_report
+        from preftune.experiments.demo.report import write_demo_report
 
         paths = write_demo_report(self)
         return {"files": [str(p) for p in paths]}

@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from preftune.demo.pipeline import _read_jsonl
-from preftune.demo.reward import WEIGHTS
+from preftune.experiments.demo.pipeline import _read_jsonl
+from preftune.experiments.demo.reward import WEIGHTS
 
 STAGE_TITLES = {
     "corpus": "corpus and prefixes", "base": "base language model", "sft": "SFT", "preferences":
@@ -246,7 +246,7 @@ def _course_table(doc: Doc, demo: Any, methods: list[str]) -> None:
 
 
 def _side_by_side(doc: Doc, generations: dict[str, list[dict[str, Any]]], methods: list[str]) -> None:
-    from preftune.demo.reward import shakespeare_reward
+    from preftune.experiments.demo.reward import shakespeare_reward
 
     doc.h(2, "Completions side by side")
     doc.p("Completion A of the first three course prefixes, with its ground-truth reward.")
@@ -268,7 +268,7 @@ def _preference_section(doc: Doc, prefs: dict[str, Any]) -> None:
     doc.p(f"{train['pairs']} pairs of SFT completions, {train['labels']} labels ({train['doubly_labelled']} pairs "
           f"labelled twice: agreement {train['percent_agreement']:.2f}, Cohen's kappa {train['cohen_kappa']:.2f}); "
           f"the labels agree with the ground-truth reward {train['agreement_with_ground_truth']:.2f} of the time. "
-          "Ground-truth reward (`preftune.demo.reward:shakespeare_reward`): "
+          "Ground-truth reward (`preftune.experiments.demo.reward:shakespeare_reward`): "
           + ", ".join(f"{w:+g} x {k}" for k, w in WEIGHTS.items()) + ".")
     doc.table(["annotator", "group", "Bradley-Terry temperature", "emphasis"],
               [[a["name"], a["group"], a["temperature"], ", ".join(f"{k} x{v:g}" for k, v in a["emphasis"].items()) or "-"]
@@ -287,7 +287,7 @@ def _commands(demo: Any) -> str:
     out = demo.out
     return "\n".join([
         f"preftune demo --output {out}                 # run again: every finished stage is skipped",
-        f"preftune compare {out}/eval/sft.jsonl {out}/eval/dpo.jsonl --judge function:preftune.demo.reward:shakespeare_reward --output cmp",
+        f"preftune compare {out}/eval/sft.jsonl {out}/eval/dpo.jsonl --judge function:preftune.experiments.demo.reward:shakespeare_reward --output cmp",
         f"preftune generate --model {out}/dpo/final --prompts {out}/data/eval_prompts.txt --num 3 --output dpo.jsonl",
         f"preftune annotate serve --pairs {out}/preferences/pairs.jsonl --db labels.sqlite   # label them yourself",
         f"preftune data inspect {out}/preferences/train.jsonl",

@@ -7,7 +7,7 @@ way (``AutoTokenizer.from_pretrained(dir)``, ``AutoModelForCausalLM.from_pretrai
 
 Command line::
 
-    python -m preftune.testing make-tiny runs/tiny     # writes a tiny model + tokenizer directory
+    python -m preftune.models.tiny make-tiny runs/tiny     # writes a tiny model + tokenizer directory
 """
 
 from __future__ import annotations
@@ -115,7 +115,7 @@ def make_tiny(path: str | Path, *, seed: int = 0, hidden_size: int = 64, num_lay
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m preftune.testing", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m preftune.models.tiny", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     tiny = sub.add_parser("make-tiny", help="write a tiny Llama-style model + tokenizer directory")
     tiny.add_argument("path", help="directory to write (created if missing)")

@@ -9,7 +9,7 @@ Conventions (as in the reference DPO code and torchtune):
 * ``h`` below is the log-ratio difference of the DPO family,
   ``h = log pi(y_w)/pi_ref(y_w) - log pi(y_l)/pi_ref(y_l)``, and ``sigma`` is the logistic function.
 
-Nothing heavier than torch is imported here, so ``import preftune.losses`` stays light.
+Nothing heavier than torch is imported here, so ``import preftune.core.losses`` stays light.
 """
 
 from __future__ import annotations
