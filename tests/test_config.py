@@ -11,10 +11,6 @@ from typer.testing import CliRunner
 
 from preftune.cli import app
 from preftune.config import (
-    CONFIGS,
-    DPOConfig,
-    RewardConfig,
-    SFTConfig,
     coerce,
     from_mapping,
     keys,
@@ -24,6 +20,10 @@ from preftune.config import (
     write_config,
 )
 from preftune.errors import PreftuneError
+from preftune.train import METHODS
+from preftune.train.dpo import DPOConfig
+from preftune.train.reward import RewardConfig
+from preftune.train.sft import SFTConfig
 
 
 def _yaml(tmp_path: Path, text: str, name: str = "c.yaml") -> Path:
@@ -143,7 +143,7 @@ def test_resolved_config_round_trips(tmp_path: Path) -> None:
     """write_config writes commented YAML that loads back into an equal config."""
     config = from_mapping(RewardConfig, {"model": "m", "data": "d", "lora": {"r": 4}, "eval_data": None,
                                          "learning_rate": 3e-5, "max_prompt_length": 64})
-    path = write_config(config, tmp_path / "out" / "config.yaml", command="reward")
+    path = write_config(config, tmp_path / "out" / "config.yaml")
     text = path.read_text()
     assert text.startswith("# preftune train reward: resolved config")
     assert "# peak learning rate of AdamW\nlearning_rate: 3.0e-05\n" in text
@@ -151,7 +151,7 @@ def test_resolved_config_round_trips(tmp_path: Path) -> None:
 
 
 def test_every_key_has_type_default_and_help() -> None:
-    for cls in CONFIGS.values():
+    for cls in (spec.config for spec in METHODS.values()):
         infos = keys(cls)
         assert [i.name for i in infos] == [f.name for f in dataclasses.fields(cls)]
         for info in infos:

@@ -68,7 +68,8 @@ def test_two_cpu_processes_equal_one_process(float64_model_dir: Path, tmp_path: 
         "lr_scheduler: constant\nmax_steps: 2\nlog_every: 1\nseed: 0\neval_batch_size: 8\nbeta: 0.1\n",
         encoding="utf-8")
 
-    from preftune.train.loop import read_metrics, run
+    from preftune.train import run
+    from preftune.train.loop import read_metrics
 
     run("dpo", config, batch_size=8, output_dir=str(tmp_path / "one"), ref_cache_dir=str(tmp_path / "cache1"))
 
@@ -110,11 +111,11 @@ def test_two_cpu_processes_equal_one_process(float64_model_dir: Path, tmp_path: 
 def test_two_processes_with_half_the_data_each_would_differ(float64_model_dir: Path) -> None:
     """The comparison above can fail: training on only half of the global batch (what a process
     would do if the gradients were not all-reduced) gives a different DPO gradient at step 1."""
+    from preftune.core.logprobs import batch_logps
     from preftune.data.collate import collate_pairs
     from preftune.data.formats import PreferencePair
     from preftune.data.tokenize import tokenize_preferences
     from preftune.models import load_policy, load_tokenizer
-    from preftune.train.dpo import sequence_logps
 
     tok = load_tokenizer(str(float64_model_dir))
     model = load_policy(str(float64_model_dir), dtype="auto")
@@ -123,7 +124,7 @@ def test_two_processes_with_half_the_data_each_would_differ(float64_model_dir: P
 
     def grad_of(chunk) -> torch.Tensor:
         model.zero_grad()
-        logps, _ = sequence_logps(model, collate_pairs(chunk, pad_token_id=tok.pad_token_id))
+        logps, _ = batch_logps(model, collate_pairs(chunk, pad_token_id=tok.pad_token_id))
         half = logps.shape[0] // 2
         (-(logps[:half] - logps[half:]).sum() / len(chunk)).backward()
         return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
@@ -172,10 +173,11 @@ def test_every_kind_of_accelerate_config_is_there() -> None:
 def test_real_model_configs_load_through_the_config_loader(path: Path) -> None:
     """Every key is a valid key of its command with a valid value (unknown keys, bad types, bad choices,
     LoRA keys that are not peft.LoraConfig fields and loss hyperparameters the loss lacks all raise)."""
-    from preftune.config import CONFIGS, load_config
+    from preftune.config import load_config
+    from preftune.train import METHODS
 
     command = path.name.split("_")[0]
-    config = load_config(CONFIGS[command], path)
+    config = load_config(METHODS[command].config, path)
     assert config.model.startswith(("Qwen/", "runs/"))
     assert config.dtype == "bfloat16" and config.mixed_precision == "bf16"
 

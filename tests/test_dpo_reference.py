@@ -8,12 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from preftune.config import DPOConfig, from_mapping
+from preftune.config import from_mapping
+from preftune.core.logprobs import batch_logps
 from preftune.core.losses import dpo_loss
 from preftune.data.collate import collate_pairs
 from preftune.data.formats import PreferencePair
 from preftune.data.tokenize import tokenize_preferences
-from preftune.train.dpo import DPOMethod, sequence_logps
+from preftune.train.dpo import DPOConfig, DPOMethod
 from preftune.train.loop import read_metrics, train
 
 PAIRS = [PreferencePair("Shall I compare thee ", "to a summer's day", "no"),
@@ -60,8 +61,8 @@ def test_explicit_ref_model_is_the_reference(tiny_model_dir, other_model_dir, tm
     items, _ = tokenize_preferences(tok, PAIRS, max_length=1024)
     batch = collate_pairs(items, pad_token_id=tok.pad_token_id)
     with torch.no_grad():
-        policy, _ = sequence_logps(load_policy(str(tiny_model_dir), dtype="float32").eval(), batch)
-        ref, _ = sequence_logps(load_policy(str(other_model_dir), dtype="float32").eval(), batch)
+        policy, _ = batch_logps(load_policy(str(tiny_model_dir), dtype="float32").eval(), batch)
+        ref, _ = batch_logps(load_policy(str(other_model_dir), dtype="float32").eval(), batch)
     n = len(PAIRS)
     want = dpo_loss(policy[:n], policy[n:], ref[:n], ref[n:], beta=0.5)
     assert abs(want.losses.mean().item() - 0.6931471805599453) > 1e-3   # the reference matters here

@@ -12,20 +12,17 @@ import torch
 from typer.testing import CliRunner
 
 from preftune.cli import app
+from preftune.data.prompts import format_prompt, load_prompts
 from preftune.errors import PreftuneError
 from preftune.generate import (
-    GenerationSettings,
     completion_name,
     cut_at_stop,
-    format_prompt,
     generate_completions,
     generate_with_vllm,
-    load_prompts,
     readable_text,
-    row_seed,
-    sample_next_tokens,
     write_generations,
 )
+from preftune.models.sampling import GenerationSettings, row_seed, sample_next_tokens
 
 PROMPTS = ["To be, or not to be", "Shall I compare thee", "The quick brown fox"]
 

@@ -16,10 +16,10 @@ from preftune.judges import (
     RewardModelJudge,
     _continuation_logprobs,
     decide,
-    load_function,
     majority_verdicts,
     make_judge,
 )
+from preftune.models.rewards import load_function
 
 
 def test_decide_with_margin():

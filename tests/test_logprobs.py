@@ -12,8 +12,8 @@ from preftune.core.logprobs import (
     auto_chunk_size,
     causal_lm_token_logps,
     lm_head_parts,
+    next_token_labels,
     sequence_logps,
-    shift_for_causal_lm,
     token_logps,
     token_logps_from_hidden,
 )
@@ -166,15 +166,19 @@ def test_from_hidden_saves_no_logits():
     assert sorted(saved) == sorted([b * t * h, v * h, b * t, b * t])
 
 
-def test_shift_for_causal_lm():
-    """ids [5,6,7,8], mask on the response tokens 7,8 -> labels [-100, 7, 8, -100]:
-    logits at position 1 predict token 7 (t+1 = 2), at 2 predict 8, the last predicts nothing."""
-    ids = torch.tensor([[5, 6, 7, 8], [1, 2, 3, 0]])
-    mask = torch.tensor([[0, 0, 1, 1], [0, 1, 1, 0]])
-    labels = shift_for_causal_lm(ids, mask)
-    assert labels.tolist() == [[-100, 7, 8, -100], [2, 3, -100, -100]]
+def shift_for_causal_lm(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Targets of the tokens where ``mask`` is set: the labels of a batch, shifted (next_token_labels)."""
+    return next_token_labels(torch.where(mask.bool(), ids, IGNORE_INDEX))
+
+
+def test_next_token_labels():
+    """labels [-100, -100, 7, 8] (the response tokens 7, 8 of ids [5, 6, 7, 8]) -> targets
+    [-100, 7, 8, -100]: logits at position 1 predict token 7 (t+1 = 2), at 2 predict 8, the last
+    predicts nothing."""
+    labels = torch.tensor([[-100, -100, 7, 8], [-100, 2, 3, -100]])
+    assert next_token_labels(labels).tolist() == [[-100, 7, 8, -100], [2, 3, -100, -100]]
     with pytest.raises(ValueError, match=r"\[B, T\]"):
-        shift_for_causal_lm(ids, mask[:, :3])
+        next_token_labels(labels[0])
 
 
 def test_sequence_logps_sums_and_counts():

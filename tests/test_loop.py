@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from preftune.config import SFTConfig, from_mapping, load_config
+from preftune.config import from_mapping, load_config
 from preftune.data.collate import item_length, real_token_share
 from preftune.train.loop import (
     _describe,
@@ -26,7 +26,7 @@ from preftune.train.loop import (
     split_for_process,
     train,
 )
-from preftune.train.sft import SFTMethod
+from preftune.train.sft import SFTConfig, SFTMethod
 
 # Completions of different lengths, so a mean of per-micro-batch means would differ from the token mean.
 EXAMPLES = [

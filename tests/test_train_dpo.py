@@ -10,11 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from preftune.config import DPOConfig, from_mapping
+from preftune.config import from_mapping
+from preftune.core.logprobs import batch_logps
 from preftune.data.collate import collate_pairs
 from preftune.data.formats import PreferencePair
 from preftune.data.tokenize import tokenize_preferences
-from preftune.train.dpo import DPOMethod, sequence_logps
+from preftune.train.dpo import DPOConfig, DPOMethod
 from preftune.train.loop import read_metrics, train
 
 PROMPTS = ["Shall I compare thee ", "To be, or not to be ", "The quick brown fox ", "What is the answer? "]
@@ -34,7 +35,7 @@ def toy_pairs(tiny_model_dir: Path) -> list[PreferencePair]:
     for prompt in PROMPTS:
         items, _ = tokenize_preferences(tok, [PreferencePair(prompt, A, B)], max_length=64)
         with torch.no_grad():
-            logps, counts = sequence_logps(model, collate_pairs(items, pad_token_id=tok.pad_token_id))
+            logps, counts = batch_logps(model, collate_pairs(items, pad_token_id=tok.pad_token_id))
         mean_a, mean_b = (logps / counts).tolist()
         pairs.append(PreferencePair(prompt, A, B) if mean_a < mean_b else PreferencePair(prompt, B, A))
     return pairs
@@ -120,12 +121,12 @@ def test_concatenated_forward_equals_separate_forwards(tiny_model_dir, toy_pairs
     model = load_policy(str(tiny_model_dir), dtype="float32").eval()
     items, _ = tokenize_preferences(tok, toy_pairs, max_length=64)
     with torch.no_grad():
-        joint, joint_counts = sequence_logps(model, collate_pairs(items, pad_token_id=tok.pad_token_id))
+        joint, joint_counts = batch_logps(model, collate_pairs(items, pad_token_id=tok.pad_token_id))
         parts = []
         for side in ("chosen", "rejected"):
             ids, mask = pad_sequences([getattr(i, f"{side}_input_ids") for i in items], pad_value=tok.pad_token_id)
             labels, _ = pad_sequences([getattr(i, f"{side}_labels") for i in items], pad_value=-100)
-            parts.append(sequence_logps(model, {"input_ids": ids, "attention_mask": mask, "labels": labels}))
+            parts.append(batch_logps(model, {"input_ids": ids, "attention_mask": mask, "labels": labels}))
     torch.testing.assert_close(joint, torch.cat([parts[0][0], parts[1][0]]), atol=1e-5, rtol=0)
     assert joint_counts.tolist() == torch.cat([parts[0][1], parts[1][1]]).tolist()
     # the count of row 0 is the chosen response's tokens + its EOS

@@ -19,7 +19,8 @@ import pytest
 import torch
 
 from preftune.errors import PreftuneError
-from preftune.train.loop import read_metrics, resolve_config, train
+from preftune.train import resolve_config
+from preftune.train.loop import read_metrics, train
 from preftune.train.ppo import PPOMethod
 from preftune.train.raft import RAFTMethod
 from preftune.train.rloo import RLOOMethod
@@ -57,7 +58,8 @@ def _keys(model: Path, out: Path, **keys):
 def _measure(model_dir: Path, reference_dir: Path) -> dict[str, float]:
     """Mean toy reward and KL of 8 samples on each held-out prompt (32 completions, fixed seeds)."""
     from preftune.models import load_policy, load_tokenizer
-    from preftune.train.rollout import evaluate_policy, load_scorer
+    from preftune.models.rewards import load_scorer
+    from preftune.train.rollout import evaluate_policy
 
     tokenizer = load_tokenizer(str(reference_dir))
     policy, reference = load_policy(str(model_dir), tokenizer=tokenizer), load_policy(str(reference_dir))
@@ -137,7 +139,8 @@ def test_ppo_first_pass_is_reinforce(float64_model_dir, tmp_path):
     ratio = pi / pi_old = 1, so the gradient of PPO's surrogate sum_t -A_t ratio_t / N equals that of
     REINFORCE, -sum_t A_t log pi(y_t) / N, with the same per-token advantages A_t (float64, 1e-10).
     The value loss touches only the value network, so the policy's gradient is unaffected by it."""
-    from preftune.train.rollout import policy_logits, response_logps
+    from preftune.core.logprobs import forward_logits
+    from preftune.train.rollout import response_logps
 
     config = resolve_config("ppo", _keys(float64_model_dir, tmp_path, num_samples=2, update_epochs=1,
                                          dtype="auto", clip_range=1e9, temperature=0.7, max_steps=1))
@@ -146,7 +149,7 @@ def test_ppo_first_pass_is_reinforce(float64_model_dir, tmp_path):
     method.loss(model, batch, normaliser=n).loss.backward()
     ppo = _policy_grads(model.policy)
     _policy_grads(model.value)
-    logps = response_logps(policy_logits(model.policy, batch), batch, temperature=0.7)
+    logps = response_logps(forward_logits(model.policy, batch), batch, temperature=0.7)
     torch.testing.assert_close(logps * mask, batch["old_logps"] * mask, rtol=0, atol=1e-12)  # ratio == 1
     (-(batch["advantages"] * logps * mask).sum() / n).backward()
     reinforce = _policy_grads(model.policy)
@@ -159,8 +162,9 @@ def test_ppo_first_pass_is_reinforce(float64_model_dir, tmp_path):
 def test_rloo_gradient_is_reinforce_with_the_leave_one_out_baseline(float64_model_dir, tmp_path):
     """RLOO's loss with one pass has the gradient -sum_i A_i grad log pi(y_i|x) / B with
     A_i = R_i - mean_{j != i} R_j over each prompt's K = 4 samples and R_i = score - beta * KL_i."""
+    from preftune.core.logprobs import forward_logits
     from preftune.core.rl import leave_one_out_advantages
-    from preftune.train.rollout import policy_logits, response_logps
+    from preftune.train.rollout import response_logps
 
     config = resolve_config("rloo", _keys(float64_model_dir, tmp_path, num_samples=4, dtype="auto",
                                           kl_coef=0.1, max_steps=1))
@@ -173,7 +177,7 @@ def test_rloo_gradient_is_reinforce_with_the_leave_one_out_baseline(float64_mode
     # the first rollout is sampled from pi_ref itself: KL 0, so R_i is the score
     expected = leave_one_out_advantages(torch.tensor([letters("", t) for t in texts], dtype=torch.float64), 4)
     torch.testing.assert_close(torch.stack([i["advantage"] for i in items]).double(), expected, rtol=0, atol=1e-6)
-    logp = response_logps(policy_logits(method.model, batch), batch).sum(-1)
+    logp = response_logps(forward_logits(method.model, batch), batch).sum(-1)
     (-(batch["advantage"] * logp).sum() / 16).backward()
     reinforce = _policy_grads(method.model)
     assert len(rloo) > 0 and max(float(g.abs().max()) for g in reinforce.values()) > 1e-4

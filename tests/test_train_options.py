@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from preftune.config import SFTConfig, from_mapping
+from preftune.config import from_mapping
 from preftune.train.loop import read_metrics, train
-from preftune.train.sft import SFTMethod
+from preftune.train.sft import SFTConfig, SFTMethod
 
 EXAMPLES = [
     {"prompt": "Question: what is two plus two? Answer:", "completion": " four."},

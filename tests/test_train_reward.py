@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from preftune.config import RewardConfig, from_mapping
+from preftune.config import from_mapping
 from preftune.data.collate import collate_responses
 from preftune.data.tokenize import TokenizedPair, TokenizedRanking
 from preftune.train.loop import read_metrics, train
-from preftune.train.reward import RewardMethod, item_rewards, reward_losses, reward_metrics
+from preftune.train.reward import RewardConfig, RewardMethod, item_rewards, reward_losses, reward_metrics
 
 TRAIN_PROMPTS = ["Shall I compare thee", "To be, or not to be", "The quick brown fox", "What is the answer?",
                  "Please write a poem", "The slings and arrows", "Rough winds do shake", "Question: what colour"]

@@ -8,11 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from preftune.config import SFTConfig, from_mapping
+from preftune.config import from_mapping
+from preftune.core.logprobs import next_token_labels
 from preftune.errors import PreftuneError
 from preftune.train.base import RunContext
+from preftune.train.data import split_eval
 from preftune.train.loop import read_metrics
-from preftune.train.sft import SFTMethod, next_token_labels, split_eval, train_sft
+from preftune.train.sft import SFTConfig, SFTMethod, train_sft
 
 
 def _setup(model_dir: Path, examples: list, **values) -> tuple[SFTMethod, list[str]]:

@@ -1,18 +1,17 @@
-"""Training configs: one dataclass per command, loaded from YAML and overridden from the command line.
+"""Configs as dataclasses: the engine that loads them from YAML and the command line, checks and writes them.
 
-Every field has a type, a default and a one-line help string (``metadata["help"]``); the CLI help, the
-``preftune train keys`` table and docs/training.md are generated from these fields, so they cannot
-drift apart. A config is resolved in three layers, later ones winning::
+A config class is a dataclass deriving from ``Config`` whose fields are made with ``opt``: each has a
+type, a default and a one-line help string (``metadata["help"]``), so the CLI help, the ``preftune train
+keys`` table and the docs' key tables are generated from the fields and cannot drift apart. The training
+configs live with their methods (``preftune.train.base.TrainConfig`` and one per ``train/<method>.py``);
+this module knows none of them. A config is resolved in three layers, later ones winning::
 
     dataclass defaults  <  CONFIG.yaml  <  command-line overrides (--beta 0.2 --lora.r 8)
 
 Unknown keys and wrong types are errors that name the key, the YAML file and line, and the nearest
-valid key. The resolved config is written to ``OUTPUT_DIR/config.yaml`` (with the help strings as
-comments), which is itself a valid config for the same command.
-
-Batch arithmetic: ``batch_size`` is the micro-batch (examples or pairs per forward pass per process),
-so one optimizer step sees ``batch_size * grad_accum * num_processes`` examples, and
-"batch_size 8, grad_accum 1" and "batch_size 1, grad_accum 8" describe the same update.
+valid key (or the key another tool's name stands for, ``Config.aliases``). Checks of values use
+``require`` / ``fail``, which name the file and line the key was set on. ``write_config`` writes the
+resolved config with the help strings as comments; it is itself a valid config for the same command.
 
 This module imports only the standard library and PyYAML, so ``preftune --help`` stays fast.
 """
@@ -39,178 +38,29 @@ def opt(default: Any, help: str, *, choices: tuple[str, ...] | None = None) -> A
     return field(default=default, metadata=meta)
 
 
-# ------------------------------------------------------------------------------------------------ configs
-@dataclass
-class TrainConfig:
-    """Keys shared by every training command."""
+# ------------------------------------------------------------------------------------------------ the base
 
-    requires_data: ClassVar[bool] = True  # online methods may take their prompts in memory instead
 
-    model: str = opt("", "model to start from: a Hugging Face hub id or a local directory (required)")
-    data: str = opt("", "training data: a JSONL/JSON/CSV/Parquet file or a hub dataset id (required)")
-    data_format: str = opt("auto", "format of `data` and `eval_data` rows; auto = detect from the keys")
-    data_split: str = opt("train", "split to read when `data` is a hub dataset")
-    eval_data: str | None = opt(None, "evaluation data (same format as `data`); null = use eval_fraction")
-    eval_fraction: float = opt(0.0, "fraction of `data` held out for evaluation when eval_data is null")
-    output_dir: str = opt("runs/train", "run directory: config.yaml, metrics.jsonl, checkpoints/, final/")
-    learning_rate: float = opt(1e-5, "peak learning rate of AdamW")
-    batch_size: int = opt(8, "micro-batch: examples (or pairs) per forward pass per process")
-    grad_accum: int = opt(1, "micro-batches per optimizer step (step = batch_size*grad_accum*processes)")
-    group_by_length: bool = opt(False, "put items of similar length in the same step: less padding "
-                                "(sft, reward, dpo; not the online methods)")
-    eval_batch_size: int | None = opt(None, "micro-batch size for evaluation; null = batch_size")
-    max_steps: int | None = opt(None, "optimizer steps to train; null = run `epochs` over the data")
-    epochs: float = opt(1.0, "passes over the training data (fractions allowed) when max_steps is null")
-    max_length: int = opt(1024, "maximum tokens per sequence (prompt + response); longer ones are truncated")
-    seed: int = opt(42, "seed of the data order, the eval split, dropout and LoRA initialisation")
-    lora: dict[str, Any] | None = opt(None, "peft LoraConfig fields (e.g. {r: 8}); null = full fine-tuning")
-    merge_lora: bool = opt(False, "with lora: also save the merged model in OUTPUT_DIR/final-merged")
-    dtype: str = opt("auto", "dtype the weights are loaded in; auto = as stored in the checkpoint",
-                     choices=("auto", "float32", "bfloat16", "float16"))
-    mixed_precision: str = opt("no", "autocast compute in bf16/fp16 over the loaded weights (GPU)",
-                               choices=("no", "bf16", "fp16"))
-    gradient_checkpointing: bool = opt(False, "recompute activations in backward to save memory")
-    lr_scheduler: str = opt("cosine", "learning-rate schedule after warmup",
-                            choices=("cosine", "linear", "constant"))
-    warmup_steps: int = opt(0, "steps of linear warmup from 0 (wins over warmup_ratio when > 0)")
-    warmup_ratio: float = opt(0.0, "fraction of the total steps used for warmup when warmup_steps is 0")
-    weight_decay: float = opt(0.0, "AdamW decoupled weight decay (not applied to biases and norms)")
-    adam_beta1: float = opt(0.9, "AdamW beta1")
-    adam_beta2: float = opt(0.999, "AdamW beta2")
-    adam_epsilon: float = opt(1e-8, "AdamW epsilon")
-    max_grad_norm: float = opt(1.0, "clip the global gradient norm to this; 0 = no clipping")
-    log_every: int = opt(10, "write a metrics.jsonl line (and tracker point) every N steps")
-    eval_every: int = opt(0, "evaluate every N steps; 0 = only at the end (when there is eval data)")
-    save_every: int = opt(0, "checkpoint every N steps in OUTPUT_DIR/checkpoints/step-N; 0 = never")
-    keep_checkpoints: int = opt(2, "keep only the last K checkpoints (0 = keep all)")
-    resume: str = opt("auto", "auto = continue from the latest checkpoint in output_dir; never; or a path")
-    report_to: str = opt("auto", "trackers, comma-separated: tensorboard, wandb, mlflow, none; "
-                         "auto = tensorboard when installed")
-    run_name: str | None = opt(None, "run name shown by the trackers; null = the output_dir name")
-    trust_remote_code: bool = opt(False, "allow model code from the hub (only for models you trust)")
+class Config:
+    """Base of every config dataclass: what the engine asks of a config class.
+
+    ``label()`` names the command in errors (``unknown key '--bta' for `train dpo```), ``keys_hint()`` says
+    where every key is listed, ``aliases`` maps names other tools use to this config's keys (suggested,
+    never silently accepted), and ``validate()`` checks values (here: declared choices).
+    """
+
+    aliases: ClassVar[dict[str, str]] = {}
+
+    @classmethod
+    def label(cls) -> str:
+        return cls.__name__
+
+    @classmethod
+    def keys_hint(cls) -> str:
+        return f"`preftune {cls.label()} --help` lists every key"
 
     def validate(self) -> None:
-        """Checks that need more than one key or a range; raise PreftuneError naming the key."""
         check_choices(self)
-        _require(self, "model", bool(self.model), "is required: a hub id or a local model directory")
-        if self.requires_data:
-            _require(self, "data", bool(self.data), "is required: a data file or a hub dataset id")
-        _require(self, "learning_rate", self.learning_rate > 0, "must be > 0")
-        _require(self, "batch_size", self.batch_size >= 1, "must be >= 1")
-        _require(self, "grad_accum", self.grad_accum >= 1, "must be >= 1")
-        _require(self, "eval_batch_size", self.eval_batch_size is None or self.eval_batch_size >= 1, "must be >= 1")
-        _require(self, "max_steps", self.max_steps is None or self.max_steps >= 1, "must be >= 1 (or null)")
-        _require(self, "epochs", self.epochs > 0, "must be > 0")
-        _require(self, "max_length", self.max_length >= 2, "must be >= 2")
-        _require(self, "eval_fraction", 0.0 <= self.eval_fraction < 1.0, "must be in [0, 1)")
-        _require(self, "eval_fraction", not (self.eval_data and self.eval_fraction > 0),
-                 "cannot be used together with eval_data: set one of them")
-        _require(self, "warmup_ratio", 0.0 <= self.warmup_ratio <= 1.0, "must be in [0, 1]")
-        for key in ("warmup_steps", "log_every", "eval_every", "save_every", "keep_checkpoints"):
-            _require(self, key, getattr(self, key) >= 0, "must be >= 0")
-        _require(self, "log_every", self.log_every >= 1, "must be >= 1")
-        _require(self, "max_grad_norm", self.max_grad_norm >= 0, "must be >= 0 (0 = no clipping)")
-        _require(self, "merge_lora", not (self.merge_lora and not self.lora), "needs `lora` to be set")
-        if self.lora:
-            _check_lora_keys(self)
-        trackers = [t.strip() for t in self.report_to.split(",") if t.strip()]
-        allowed = ("auto", "tensorboard", "wandb", "mlflow", "none")
-        for tracker in trackers or [""]:
-            if tracker not in allowed:
-                _fail(self, "report_to", f"unknown tracker {tracker!r}", _suggest(tracker, allowed))
-
-
-@dataclass
-class SFTConfig(TrainConfig):
-    """`preftune train sft`: supervised fine-tuning on demonstrations."""
-
-    learning_rate: float = opt(2e-5, "peak learning rate of AdamW")
-    output_dir: str = opt("runs/sft", "run directory: config.yaml, metrics.jsonl, checkpoints/, final/")
-    completion_only_loss: bool = opt(True, "loss on completion / assistant tokens only; false = on all tokens")
-
-
-@dataclass
-class PairConfig(TrainConfig):
-    """Keys shared by the methods trained on preference pairs (prompt, chosen, rejected)."""
-
-    max_prompt_length: int | None = opt(None, "maximum prompt tokens; null = max_length // 2")
-    truncation: str = opt("keep_end", "too-long pairs: keep_end = cut the prompt's start, then the response's "
-                          "end (counted); error = stop; drop = leave the pair out (counted)",
-                          choices=("keep_end", "error", "drop"))
-
-    def validate(self) -> None:
-        super().validate()
-        _require(self, "max_prompt_length",
-                 self.max_prompt_length is None or 1 <= self.max_prompt_length < self.max_length,
-                 f"must be >= 1 and < max_length ({self.max_length})")
-
-
-@dataclass
-class RewardConfig(PairConfig):
-    """`preftune train reward`: a scalar reward model r_phi(x, y) from preference pairs."""
-
-    learning_rate: float = opt(1e-5, "peak learning rate of AdamW")
-    output_dir: str = opt("runs/reward", "run directory: config.yaml, metrics.jsonl, checkpoints/, final/")
-    margin: bool = opt(False, "use the pair's `margin` field in -log sigmoid(r_w - r_l - m) (Llama 2)")
-    rankings: str = opt("keep", "K-way rankings: keep = one item, all K-choose-2 pairs in one forward "
-                        "(InstructGPT); pairs = split into separate pairs", choices=("keep", "pairs"))
-    center_rewards_coefficient: float = opt(0.0, "weight of the (r_w + r_l)^2 penalty that centres rewards "
-                                            "(Eisenstein et al. 2023); 0 = off")
-
-
-# The flat loss keys; null means "the loss function's own default" (e.g. beta 0.1 for dpo, 2.0 for simpo).
-_DPO_LOSS_KEYS = ("beta", "label_smoothing", "gamma", "alpha")
-
-
-@dataclass
-class DPOConfig(PairConfig):
-    """`preftune train dpo`: direct preference optimisation and its family of losses."""
-
-    learning_rate: float = opt(5e-7, "peak learning rate of AdamW")
-    output_dir: str = opt("runs/dpo", "run directory: config.yaml, metrics.jsonl, checkpoints/, final/")
-    ref_model: str | None = opt(None, "reference pi_ref; null = the starting model (with lora: adapters off)")
-    loss: str = opt("dpo", "preference loss: dpo, ipo, cdpo, hinge, robust, orpo, simpo, unlikelihood")
-    beta: float | None = opt(None, "loss temperature beta; null = the loss's default (0.1 for dpo)")
-    label_smoothing: float | None = opt(None, "label-flip rate eps of cdpo / robust; null = their default")
-    gamma: float | None = opt(None, "SimPO target margin gamma; null = its default (0.5)")
-    alpha: float | None = opt(None, "unlikelihood weight alpha; null = its default (1.0)")
-    loss_kwargs: dict[str, Any] = opt({}, "any other keyword hyperparameters of the loss function")
-    precompute_ref_logps: bool = opt(True, "compute reference log-probs once before training (cached on "
-                                     "disk), then free the reference; false = a reference forward every step")
-    ref_cache_dir: str | None = opt(None, "directory of the reference log-prob cache; "
-                                    "null = ~/.cache/preftune/ref_logps")
-
-    def validate(self) -> None:
-        super().validate()
-        self.loss_hparams()
-
-    def loss_hparams(self) -> dict[str, Any]:
-        """The keyword hyperparameters for ``preftune.core.losses.preference_loss(self.loss, ...)``.
-
-        Flat keys (beta, label_smoothing, gamma, alpha) that are set, plus ``loss_kwargs``; a key the
-        chosen loss does not accept is an error naming it and listing what the loss accepts.
-        """
-        from preftune.core.losses import LOSSES  # torch only; imported when a DPO config is validated
-
-        spec = LOSSES.get(self.loss)
-        if spec is None:
-            _fail(self, "loss", f"unknown loss {self.loss!r}", _suggest(self.loss, list(LOSSES)))
-        hparams = {k: getattr(self, k) for k in _DPO_LOSS_KEYS if getattr(self, k) is not None}
-        clash = sorted(set(hparams) & set(self.loss_kwargs))
-        if clash:
-            _fail(self, "loss_kwargs", f"sets {', '.join(clash)} which is also a top-level key",
-                  "set it in one place only")
-        hparams.update(self.loss_kwargs)
-        for key in hparams:
-            if key not in spec.hparams:
-                where = "loss_kwargs" if key in self.loss_kwargs else key
-                _fail(self, where, f"loss {self.loss!r} has no hyperparameter {key!r}",
-                      f"{self.loss} accepts: {', '.join(spec.hparams) or 'nothing'}")
-        return hparams
-
-
-# command -> config class; preftune.config_online adds ppo, rloo and raft (imported at the end of this module)
-CONFIGS: dict[str, type[TrainConfig]] = {"sft": SFTConfig, "reward": RewardConfig, "dpo": DPOConfig}
 
 
 # ------------------------------------------------------------------------------------------------ fields
@@ -223,7 +73,7 @@ class KeyInfo:
     choices: tuple[str, ...] | None
 
 
-def keys(cls: type[TrainConfig]) -> list[KeyInfo]:
+def keys(cls: type[Config]) -> list[KeyInfo]:
     """Every key of a config class, in declaration order (subclass overrides keep the base position)."""
     hints = typing.get_type_hints(cls)
     out = []
@@ -354,7 +204,7 @@ def parse_overrides(args: list[str]) -> list[tuple[str, str]]:
     return out
 
 
-def _apply_mapping(cls: type[TrainConfig], data: dict[Any, Any], values: dict[str, Any],
+def _apply_mapping(cls: type[Config], data: dict[Any, Any], values: dict[str, Any],
                    sources: dict[str, tuple[str | None, int | None]], *, path: str | None,
                    lines: dict[str, int]) -> None:
     hints = typing.get_type_hints(cls)
@@ -370,7 +220,7 @@ def _apply_mapping(cls: type[TrainConfig], data: dict[Any, Any], values: dict[st
         sources[key] = where
 
 
-def from_mapping(cls: type[TrainConfig], data: dict[str, Any], **overrides: Any) -> Any:
+def from_mapping(cls: type[Config], data: dict[str, Any], **overrides: Any) -> Any:
     """A validated config from Python values (``{"model": ..., "data": ...}``), with the same checks as YAML."""
     values: dict[str, Any] = {}
     sources: dict[str, tuple[str | None, int | None]] = {}
@@ -381,7 +231,7 @@ def from_mapping(cls: type[TrainConfig], data: dict[str, Any], **overrides: Any)
     return config
 
 
-def load_config(cls: type[TrainConfig], path: str | Path | None = None,
+def load_config(cls: type[Config], path: str | Path | None = None,
                 overrides: list[tuple[str, str]] | list[str] | None = None) -> Any:
     """Defaults < YAML file < overrides, converted to the field types and validated.
 
@@ -436,41 +286,21 @@ def load_config(cls: type[TrainConfig], path: str | Path | None = None,
     return config
 
 
-def _default(cls: type[TrainConfig], name: str) -> Any:
+def _default(cls: type[Config], name: str) -> Any:
     f = {f.name: f for f in dataclasses.fields(cls)}[name]
     return f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
 
 
-def _check_key(cls: type[TrainConfig], key: str, names: list[str], where: tuple[str | None, int | None],
+def _check_key(cls: type[Config], key: str, names: list[str], where: tuple[str | None, int | None],
                *, cli: bool = False) -> None:
     if key in names:
         return
-    command = next((n for n, c in CONFIGS.items() if c is cls), cls.__name__)
-    label = getattr(cls, "command_label", None) or f"train {command}"
     dash = "--" if cli else ""
-    alias = _ALIASES.get(key)
+    alias = cls.aliases.get(key)
     close = [alias] if alias in names else difflib.get_close_matches(key, names, n=1, cutoff=0.5)
-    hint = f"did you mean {dash}{close[0]}? " if close else ""
-    hint += getattr(cls, "keys_hint", None) or f"`preftune train keys {command}` lists every key"
-    raise PreftuneError(f"unknown key '{dash}{key}' for `{label}`", path=where[0], line=where[1],
+    hint = (f"did you mean {dash}{close[0]}? " if close else "") + cls.keys_hint()
+    raise PreftuneError(f"unknown key '{dash}{key}' for `{cls.label()}`", path=where[0], line=where[1],
                         field=key, hint=hint)
-
-
-# Names other tools use for the same settings: suggested (never silently accepted) when mistyped.
-_ALIASES = {
-    "lr": "learning_rate", "num_epochs": "epochs", "num_train_epochs": "epochs",
-    "gradient_accumulation_steps": "grad_accum", "per_device_train_batch_size": "batch_size",
-    "lr_scheduler_type": "lr_scheduler", "scheduler": "lr_scheduler", "max_seq_length": "max_length",
-    "model_name_or_path": "model", "dataset": "data", "train_data": "data", "save_steps": "save_every",
-    "eval_steps": "eval_every", "logging_steps": "log_every", "save_total_limit": "keep_checkpoints",
-    "bf16": "mixed_precision", "fp16": "mixed_precision", "torch_dtype": "dtype", "peft": "lora",
-    "resume_from_checkpoint": "resume", "ref_model_name_or_path": "ref_model",
-    "init_kl_coef": "kl_coef", "beta": "kl_coef", "kl_penalty": "kl_estimator", "target_kl": "kl_target",
-    "target": "kl_target", "horizon": "kl_horizon", "ppo_epochs": "update_epochs",
-    "num_ppo_epochs": "update_epochs", "cliprange": "clip_range", "cliprange_value": "value_clip_range",
-    "rloo_k": "num_samples", "num_generations": "num_samples", "response_length": "max_new_tokens",
-    "reward_model": "reward", "reward_model_path": "reward", "prompts": "data",
-}
 
 
 def _key_lines(text: str, path: Path) -> dict[str, int]:
@@ -493,12 +323,14 @@ def _key_lines(text: str, path: Path) -> dict[str, int]:
     return lines
 
 
-def _suggest(value: str, valid: Any) -> str:
+def suggest(value: str, valid: Any) -> str:
+    """A hint: the nearest valid value (when one is near) and the list of valid values."""
     close = difflib.get_close_matches(str(value), list(valid), n=1, cutoff=0.5)
     return (f"did you mean {close[0]!r}? " if close else "") + f"valid: {', '.join(valid)}"
 
 
-def _fail(config: Any, key: str, message: str, hint: str | None = None) -> typing.NoReturn:
+def fail(config: Any, key: str, message: str, hint: str | None = None) -> typing.NoReturn:
+    """Raise a PreftuneError about ``key`` of ``config``, naming the YAML file and line it was set on."""
     sources = getattr(config, "_sources", {})
     path, line = sources.get(key) or sources.get(key.split(".")[0], (None, None))
     if path == "command line":
@@ -506,63 +338,39 @@ def _fail(config: Any, key: str, message: str, hint: str | None = None) -> typin
     raise PreftuneError(message, path=path, line=line, field=key, hint=hint)
 
 
-def _require(config: Any, key: str, ok: bool, message: str) -> None:
+def require(config: Any, key: str, ok: bool, message: str) -> None:
+    """``fail`` with ``message`` and the key's value unless ``ok``."""
     if not ok:
-        _fail(config, key, f"{message} (got {format_value(getattr(config, key))})")
+        fail(config, key, f"{message} (got {format_value(getattr(config, key))})")
 
 
-def _check_lora_keys(config: TrainConfig) -> None:
-    """Each key under ``lora`` is a field of ``peft.LoraConfig`` (peft is imported only when lora is set)."""
-    from peft import LoraConfig
-
-    valid = [f.name for f in dataclasses.fields(LoraConfig) if f.init]
-    for key in config.lora or {}:
-        if key not in valid:
-            close = difflib.get_close_matches(str(key), valid, n=1, cutoff=0.5)
-            _fail(config, f"lora.{key}", f"unknown LoRA option {key!r}",
-                  (f"did you mean {close[0]!r}? " if close else "") + "keys are peft.LoraConfig fields "
-                  "(r, lora_alpha, lora_dropout, target_modules, ...)")
-
-
-def check_choices(config: TrainConfig) -> None:
+def check_choices(config: Config) -> None:
     """Every string key with declared choices holds one of them (called by ``validate``)."""
     for info in keys(type(config)):
         value = getattr(config, info.name)
         if info.choices and value not in info.choices:
-            _fail(config, info.name, f"{value!r} is not one of {', '.join(info.choices)}",
-                  _suggest(value, info.choices))
+            fail(config, info.name, f"{value!r} is not one of {', '.join(info.choices)}",
+                 suggest(value, info.choices))
 
 
 # ------------------------------------------------------------------------------------------------ writing
-def to_dict(config: TrainConfig) -> dict[str, Any]:
+def to_dict(config: Config) -> dict[str, Any]:
     """The config as a plain dict in declaration order."""
     return {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
 
 
-def to_yaml(config: TrainConfig, *, command: str | None = None) -> str:
+def to_yaml(config: Config) -> str:
     """The config as commented YAML (each key preceded by its help line); loads back into the same class."""
-    header = f"# preftune train {command}: resolved config" if command else "# preftune: resolved config"
-    out = [header, ""]
+    out = [f"# preftune {config.label()}: resolved config", ""]
     for info in keys(type(config)):
         out.append(f"# {info.help}")
         out.append(f"{info.name}: {format_value(getattr(config, info.name))}")
     return "\n".join(out) + "\n"
 
 
-def write_config(config: TrainConfig, path: str | Path, *, command: str | None = None) -> Path:
+def write_config(config: Config, path: str | Path) -> Path:
     """Write the resolved config (``to_yaml``) to ``path`` and return it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(to_yaml(config, command=command), encoding="utf-8")
+    path.write_text(to_yaml(config), encoding="utf-8")
     return path
-
-
-def command_of(config: TrainConfig) -> str:
-    """The command name of a config instance ("sft", "dpo", ...)."""
-    for name, cls in CONFIGS.items():
-        if type(config) is cls:
-            return name
-    return type(config).__name__.removesuffix("Config").lower()
-
-
-import preftune.config_online  # noqa: E402, F401  (registers the online methods' configs in CONFIGS)

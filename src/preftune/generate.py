@@ -3,66 +3,25 @@
 Completions of prompt ``i`` (1-based ``prompt_id``) are named A, B, C, ... (``completion_id``), as in
 the course exercise's table (``COMPLETION 1-A``).
 
-Reproducibility: Hugging Face ``generate`` samples from the global RNG, so the same seed gives
-different completions when the batch size or the order of prompts changes. Here each row of a batch,
-i.e. each (prompt, completion) pair, owns a ``torch.Generator`` seeded from
-``(seed, prompt_id, completion index)``; a logits processor draws that row's next token with its own
-generator (temperature, top-k, top-p applied first) and hands ``generate`` a one-hot distribution, so
-the completions depend on the seed and the prompt's position in the file only, not on the batch size.
-(Different hardware, dtypes or library versions can still change the logits and hence the draws.)
+Reproducibility: each (prompt, completion) row samples with its own generator seeded from
+``(seed, prompt_id, completion index)`` (``preftune.models.sampling``), so the completions depend on the
+seed and the prompt's position in the file only, not on the batch size.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from preftune.data.jsonl import write_jsonl
+from preftune.data.prompts import Prompt, format_prompt, load_prompts, prompt_text
 from preftune.errors import PreftuneError
+from preftune.models.sampling import GenerationSettings, RowSampler, row_seed
 
-Prompt = str | list[dict[str, Any]]  # a plain prompt, or chat messages [{"role": ..., "content": ...}]
-
-TEMPLATES = {"raw": "{prompt}", "tldr": "{prompt}\n\nTL;DR:"}
-BACKENDS = ("transformers", "vllm")
-
-
-@dataclass
-class GenerationSettings:
-    """How completions are sampled; written into every output record."""
-
-    temperature: float = 1.0      # softmax temperature; 0 = greedy decoding
-    top_p: float = 1.0            # nucleus sampling: keep the smallest set of tokens with mass >= top_p
-    top_k: int = 0                # keep the k most likely tokens; 0 = no limit
-    max_new_tokens: int = 64      # completion length limit, in tokens
-    min_new_tokens: int = 0       # end-of-sequence is not sampled before this many new tokens
-    seed: int = 0                 # same seed -> same completions (see the module docstring)
-    template: str = "raw"         # raw | chat | tldr | a format string containing {prompt}
-    stop: list[str] = field(default_factory=list)  # cut a completion before the first of these strings
-    backend: str = "transformers"  # transformers | vllm
-
-    def check(self) -> None:
-        """Raise a PreftuneError naming the first invalid setting."""
-        if self.temperature < 0:
-            raise PreftuneError(f"temperature must be >= 0, got {self.temperature}", field="temperature")
-        if not 0 < self.top_p <= 1:
-            raise PreftuneError(f"top_p must be in (0, 1], got {self.top_p}", field="top_p")
-        if self.top_k < 0:
-            raise PreftuneError(f"top_k must be >= 0 (0 = no limit), got {self.top_k}", field="top_k")
-        if self.max_new_tokens < 1:
-            raise PreftuneError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}", field="max_new_tokens")
-        if not 0 <= self.min_new_tokens <= self.max_new_tokens:
-            raise PreftuneError(f"min_new_tokens must be in [0, max_new_tokens = {self.max_new_tokens}], "
-                                f"got {self.min_new_tokens}", field="min_new_tokens")
-        if self.template not in ("raw", "chat", "tldr") and "{prompt}" not in self.template:
-            raise PreftuneError(f"unknown template {self.template!r}", field="template",
-                                hint="use raw, chat, tldr or a format string containing {prompt}")
-        if self.backend not in BACKENDS:
-            raise PreftuneError(f"unknown backend {self.backend!r}", field="backend",
-                                hint=f"use one of: {', '.join(BACKENDS)}")
-        if any(not s for s in self.stop):
-            raise PreftuneError("stop strings must not be empty", field="stop")
+__all__ = ["GenerationSettings", "Prompt", "completion_name", "cut_at_stop", "generate_completions",
+           "generate_with_vllm", "load_prompts", "readable_text", "write_generations"]
 
 
 # ----------------------------------------------------------------------------- names and prompts
@@ -78,154 +37,13 @@ def completion_name(index: int) -> str:
     return name
 
 
-def prompt_text(prompt: Prompt) -> str:
-    """A prompt as plain text: chat messages become their single user message, else ``role: content`` lines."""
-    if isinstance(prompt, str):
-        return prompt
-    if len(prompt) == 1 and prompt[0].get("role") == "user":
-        return str(prompt[0].get("content", ""))
-    return "\n".join(f"{m.get('role', '')}: {m.get('content', '')}" for m in prompt)
-
-
-def load_prompts(path: str | Path, *, from_preferences: bool = False) -> list[Prompt]:
-    """Read prompts from a text file (one per line; blank lines are not prompts), from JSONL records
-    with ``prompt`` or ``messages``, or from a preference dataset (its unique prompts, in order of first
-    appearance; detected by ``chosen``/``rejected`` fields, a .parquet file, or ``from_preferences``)."""
-    path = Path(path)
-    is_json = path.suffix.lower() in (".jsonl", ".json")
-    if from_preferences or path.suffix.lower() == ".parquet":
-        return _preference_prompts(path)
-    if not path.exists():
-        raise PreftuneError("file not found", path=str(path), hint="check the path to the prompts file")
-    text = path.read_text(encoding="utf-8-sig")
-    if not is_json:
-        prompts: list[Prompt] = [line for line in text.splitlines() if line.strip()]
-    else:
-        prompts = []
-        for lineno, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise PreftuneError(f"not valid JSON ({exc.msg})", path=str(path), line=lineno,
-                                    hint="write one JSON object per line") from None
-            if not isinstance(record, dict):
-                raise PreftuneError("expected a JSON object", path=str(path), line=lineno)
-            if "chosen" in record or "rejected" in record:
-                return _preference_prompts(path)
-            prompts.append(_record_prompt(record, path=str(path), line=lineno))
-    if not prompts:
-        raise PreftuneError("no prompts found", path=str(path), hint="write one prompt per line")
-    return prompts
-
-
-def _record_prompt(record: dict[str, Any], *, path: str, line: int) -> Prompt:
-    for key in ("prompt", "messages"):
-        if key not in record:
-            continue
-        value = record[key]
-        if isinstance(value, str) and value.strip():
-            return value
-        if isinstance(value, list) and value and all(isinstance(m, dict) and "content" in m for m in value):
-            return value
-        raise PreftuneError("expected a non-empty string or a list of {role, content} messages",
-                            path=path, line=line, field=key)
-    raise PreftuneError("the record has neither 'prompt' nor 'messages'", path=path, line=line, field="prompt",
-                        hint='write {"prompt": "..."} or {"messages": [{"role": "user", "content": "..."}]}')
-
-
-def _preference_prompts(path: Path) -> list[Prompt]:
-    from preftune.data import load_preferences
-
-    items, _report = load_preferences(path)
-    seen: set[str] = set()
-    prompts: list[Prompt] = []
-    for item in items:
-        key = json.dumps(item.prompt, sort_keys=True)
-        if key not in seen:
-            seen.add(key)
-            prompts.append(item.prompt)
-    if not prompts:
-        raise PreftuneError("the preference dataset has no prompts", path=str(path))
-    return prompts
-
-
-def format_prompt(prompt: Prompt, template: str, tokenizer: Any = None) -> str:
-    """Apply a template: raw (as is), tldr (``{prompt}\\n\\nTL;DR:``), chat (the tokenizer's chat
-    template with the generation prompt added) or a format string containing ``{prompt}``."""
-    if template == "chat":
-        if tokenizer is None or not getattr(tokenizer, "chat_template", None):
-            raise PreftuneError("the tokenizer has no chat template", field="template",
-                                hint="use --template raw, tldr or a format string such as 'Q: {prompt}\\nA:'")
-        messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    fmt = TEMPLATES.get(template, template)
-    return fmt.replace("{prompt}", prompt_text(prompt))
-
-
 def cut_at_stop(text: str, stop: Sequence[str]) -> str:
     """The text before the first occurrence of any stop string (the stop string itself is dropped)."""
     cut = min((i for i in (text.find(s) for s in stop) if i >= 0), default=len(text))
     return text[:cut]
 
 
-def row_seed(seed: int, prompt_id: int, completion_index: int) -> int:
-    """A 63-bit seed for one (prompt, completion) row, mixed by numpy's SeedSequence (no collisions by
-    addition: (1, 2) and (2, 1) give unrelated seeds)."""
-    import numpy as np
-
-    state = np.random.SeedSequence([seed & 0xFFFFFFFF, prompt_id, completion_index]).generate_state(2)
-    return (int(state[0]) << 31 ^ int(state[1])) & 0x7FFF_FFFF_FFFF_FFFF
-
-
 # ----------------------------------------------------------------------------- sampling
-
-
-def sample_next_tokens(logits: Any, *, generators: Sequence[Any], temperature: float, top_k: int = 0,
-                       top_p: float = 1.0) -> Any:
-    """Draw one token per row of ``logits`` [B, V] with that row's generator.
-
-    p = softmax(logits / temperature) restricted to the top-k tokens and then to the nucleus (the
-    smallest set of most likely tokens whose mass is >= top_p; Holtzman et al. 2020, sec. 3.1);
-    temperature 0 is greedy (argmax). Tokens already at -inf (banned by other processors) stay banned.
-    """
-    import torch
-
-    if temperature == 0:
-        return logits.argmax(dim=-1)
-    scores = logits / temperature
-    if top_k > 0 and top_k < scores.shape[-1]:
-        kth = torch.topk(scores, top_k, dim=-1).values[..., -1:]
-        scores = scores.masked_fill(scores < kth, float("-inf"))
-    probs = torch.softmax(scores, dim=-1)
-    if top_p < 1.0:
-        sorted_probs, order = probs.sort(dim=-1, descending=True)
-        mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
-        drop_sorted = mass_before >= top_p  # the first token has mass_before 0 and is always kept
-        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-        probs = probs.masked_fill(drop, 0.0)
-    return torch.stack([torch.multinomial(probs[r], 1, generator=generators[r])[0] for r in range(len(probs))])
-
-
-class RowSampler:
-    """A logits processor that samples each row with its own generator and returns a one-hot choice,
-    so that ``generate(do_sample=False)`` (argmax) takes exactly the token drawn here."""
-
-    def __init__(self, seeds: Sequence[int], settings: GenerationSettings) -> None:
-        self.seeds, self.settings = list(seeds), settings
-        self.generators: list[Any] = []
-
-    def __call__(self, input_ids: Any, scores: Any) -> Any:
-        import torch
-
-        if not self.generators:
-            self.generators = [torch.Generator(device=scores.device).manual_seed(s) for s in self.seeds]
-        s = self.settings
-        chosen = sample_next_tokens(scores, generators=self.generators, temperature=s.temperature,
-                                    top_k=s.top_k, top_p=s.top_p)
-        out = torch.full_like(scores, float("-inf"))
-        return out.scatter(1, chosen[:, None], 0.0)
 
 
 class _StopOnStrings:
@@ -374,10 +192,7 @@ def write_generations(records: Sequence[dict[str, Any]], path: str | Path) -> tu
     if path.suffix.lower() == ".txt":
         raise PreftuneError("the output must be a .jsonl file (the .txt file is written beside it)",
                             path=str(path), hint="e.g. --output completions.jsonl")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", encoding="utf-8") as f:
-        for r in records:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    write_jsonl(path, records)
     txt = path.with_suffix(".txt")
     txt.write_text(readable_text(records), encoding="utf-8")
     return path, txt

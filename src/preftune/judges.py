@@ -20,9 +20,6 @@ builds one from a CLI spec.
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
-import sys
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -96,64 +93,25 @@ class ScoreJudge(Judge):
 # ----------------------------------------------------------------------------- function judge
 
 
-def load_function(spec: str) -> Callable[..., Any]:
-    """Resolve ``"package.module:function"`` or ``"path/to/file.py:function"`` to the function."""
-    module_part, sep, attr = spec.rpartition(":")
-    if not sep or not module_part or not attr:
-        raise PreftuneError(f"cannot read the function spec {spec!r}", field="judge",
-                            hint="write module:function or path/to/file.py:function")
-    if module_part.endswith(".py") or Path(module_part).is_file():
-        path = Path(module_part)
-        if not path.is_file():
-            raise PreftuneError("file not found", path=str(path), field="judge",
-                                hint="give the path of a Python file that defines the scoring function")
-        mod_name = f"_preftune_judge_{abs(hash(str(path.resolve())))}"
-        loader_spec = importlib.util.spec_from_file_location(mod_name, path)
-        if loader_spec is None or loader_spec.loader is None:
-            raise PreftuneError("cannot load this file as Python", path=str(path), field="judge")
-        module = importlib.util.module_from_spec(loader_spec)
-        sys.modules[mod_name] = module
-        loader_spec.loader.exec_module(module)
-    else:
-        try:
-            module = importlib.import_module(module_part)
-        except ImportError as exc:
-            raise PreftuneError(f"cannot import module {module_part!r} ({exc})", field="judge",
-                                hint="check the module name, or give path/to/file.py:function") from None
-    fn = getattr(module, attr, None)
-    if fn is None or not callable(fn):
-        raise PreftuneError(f"{module_part!r} has no function {attr!r}", field="judge",
-                            hint="define score(prompt, completion) -> float there")
-    return fn
-
-
 class FunctionJudge(ScoreJudge):
-    """Prefers the completion with the higher ``fn(prompt, completion)``; a tie within ``margin``."""
+    """Prefers the completion with the higher ``fn(prompt, completion)``; a tie within ``margin``.
+    ``fn`` is a callable or a ``module:function`` / ``file.py:function`` spec
+    (``preftune.models.rewards.load_function``)."""
 
     def __init__(self, fn: str | Callable[[str, str], float], *, margin: float = 0.0) -> None:
+        from preftune.models.rewards import load_function
+
         self.fn = load_function(fn) if isinstance(fn, str) else fn
         self.margin = float(margin)
         self.name = fn if isinstance(fn, str) else getattr(fn, "__name__", "function")
 
     def scores(self, prompts: Sequence[str], completions: Sequence[str]) -> list[float]:
-        out = []
-        for p, c in zip(prompts, completions, strict=True):
-            value = self.fn(p, c)
-            try:
-                out.append(float(value))
-            except (TypeError, ValueError):
-                raise PreftuneError(f"the scoring function {self.name} returned {value!r}, not a number",
-                                    field="judge") from None
-        return out
+        from preftune.models.rewards import function_scores
+
+        return function_scores(self.fn, prompts, completions, name=self.name)
 
 
 # ----------------------------------------------------------------------------- reward-model judge
-
-
-def _device(device: str | None) -> str:
-    import torch
-
-    return device or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
 class RewardModelJudge(ScoreJudge):
@@ -163,26 +121,16 @@ class RewardModelJudge(ScoreJudge):
 
     def __init__(self, model_path: str | None = None, *, margin: float = 0.0, batch_size: int = 16,
                  model: Any = None, tokenizer: Any = None, device: str | None = None) -> None:
-        if model is None:
-            if model_path is None:
-                raise PreftuneError("give a reward model path (or a loaded model and tokenizer)", field="judge")
-            from preftune.models import load_reward_model, load_tokenizer
+        from preftune.models.rewards import RewardModel
 
-            tokenizer = load_tokenizer(model_path)
-            model = load_reward_model(model_path, tokenizer=tokenizer)
-            model.to(_device(device))
-        if tokenizer is None:
-            raise PreftuneError("a reward model needs its tokenizer", field="judge")
-        self.model, self.tokenizer = model, tokenizer
+        self.reward_model = RewardModel(model_path, model=model, tokenizer=tokenizer, batch_size=batch_size,
+                                        device=device)
+        self.model, self.tokenizer = self.reward_model.model, self.reward_model.tokenizer
         self.margin, self.batch_size = float(margin), batch_size
         self.name = f"reward:{model_path}" if model_path else "reward"
 
     def scores(self, prompts: Sequence[str], completions: Sequence[str]) -> list[float]:
-        from preftune.models import score_texts
-
-        values = score_texts(self.model, self.tokenizer, list(prompts), list(completions),
-                             batch_size=self.batch_size)
-        return [float(v) for v in values]
+        return self.reward_model.scores(prompts, completions)
 
 
 # ----------------------------------------------------------------------------- LLM judge
@@ -216,10 +164,10 @@ class LLMJudge(Judge):
         if scorer is None and model is None:
             if model_path is None:
                 raise PreftuneError("give an LLM judge model path (or a loaded model and tokenizer)", field="judge")
-            from preftune.models import load_policy, load_tokenizer
+            from preftune.models.load import default_device, load_policy, load_tokenizer
 
             tokenizer = load_tokenizer(model_path)
-            model = load_policy(model_path, tokenizer=tokenizer).to(_device(device))
+            model = load_policy(model_path, tokenizer=tokenizer).to(default_device(device))
         self.model, self.tokenizer = model, tokenizer
         self.name = f"llm:{model_path}" if model_path else "llm"
 

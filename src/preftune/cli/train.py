@@ -1,8 +1,9 @@
-"""`preftune train sft|reward|dpo|ppo|rloo|raft CONFIG.yaml [--key value ...]` and `preftune train keys`.
+"""`preftune train METHOD CONFIG.yaml [--key value ...]` for every registered method, and `preftune train keys`.
 
-Every key of a command's config dataclass (``preftune.config``) can be set in the YAML file or
-overridden on the command line (``--beta 0.2``, ``--lora.r 8``, ``--lora null``); the help of each
-command lists every key with its type, default and help string, generated from the dataclass.
+The commands come from the registry ``preftune.train.METHODS``. Every key of a method's config dataclass
+can be set in the YAML file or overridden on the command line (``--beta 0.2``, ``--lora.r 8``,
+``--lora null``); the help of each command lists every key with its type, default and help string,
+generated from the dataclass.
 """
 
 from __future__ import annotations
@@ -13,16 +14,8 @@ from pathlib import Path
 import typer
 
 from preftune.cli._common import console, handle_errors
-from preftune.config import CONFIGS, KeyInfo, format_value, keys
-
-SUMMARIES = {
-    "sft": "Supervised fine-tuning on demonstrations ({prompt, completion}, {messages} or {text} rows).",
-    "reward": "Train a scalar reward model r(x, y) on preference pairs (Bradley-Terry loss).",
-    "dpo": "Train a policy directly on preference pairs: DPO and its family (ipo, cdpo, orpo, simpo, ...).",
-    "ppo": "Online RLHF with PPO: sample, score (reward model or function), KL-shape, GAE, clipped updates.",
-    "rloo": "Online RLHF with REINFORCE: K samples per prompt, the leave-one-out (or batch-mean) baseline.",
-    "raft": "Reward-ranked fine-tuning: sample K per prompt, keep the best (or the top fraction), SFT on them.",
-}
+from preftune.config import KeyInfo, format_value, keys
+from preftune.train import METHODS
 
 train_app = typer.Typer(
     help="Train a model. One loop for every method; each method says how a batch becomes a loss.",
@@ -50,37 +43,37 @@ def _command(name: str):
         config: Path = typer.Argument(..., help="YAML config file (every key below; see docs/training.md)."),
     ) -> None:
         from preftune.config import load_config
-        from preftune.train.loop import run
+        from preftune.train import run
 
-        resolved = load_config(CONFIGS[name], config, list(ctx.args))
+        resolved = load_config(METHODS[name].config, config, list(ctx.args))
         final = run(name, resolved)
         if int(os.environ.get("RANK", "0")) == 0:  # once, not once per process of a multi-process launch
             console.print(f"[green]done:[/] {final}")
 
-    command.__doc__ = SUMMARIES.get(name, f"Train with the {name} method.")
+    command.__doc__ = METHODS[name].summary
     return handle_errors(command)
 
 
 def keys_command(
-    method: str = typer.Argument(None, help="sft, reward, dpo, ppo, rloo or raft; all when omitted."),
+    method: str = typer.Argument(None, help=f"{', '.join(METHODS)}; all when omitted."),
     markdown: bool = typer.Option(False, "--markdown", help="Print Markdown tables (as in docs/training.md)."),
 ) -> None:
     """List every config key of a training method: type, default and help."""
     from rich.table import Table
 
     from preftune.errors import PreftuneError
+    from preftune.train import method_spec
 
-    if method is not None and method not in CONFIGS:
-        import difflib
-
-        close = difflib.get_close_matches(method, list(CONFIGS), n=1)
-        hint = (f"did you mean {close[0]!r}? " if close else "") + f"methods: {', '.join(CONFIGS)}"
-        handle_errors(_raise)(PreftuneError(f"unknown training method {method!r}", hint=hint))
+    if method is not None:
+        try:
+            method_spec(method)
+        except PreftuneError as exc:
+            handle_errors(_raise)(exc)
     if markdown:
         _markdown(method)
         return
-    for name in [method] if method else list(CONFIGS):
-        infos = keys(CONFIGS[name])
+    for name in [method] if method else list(METHODS):
+        infos = keys(METHODS[name].config)
         table = Table(title=f"preftune train {name}", title_justify="left")
         for column in ("key", "type", "default", "help"):
             table.add_column(column, overflow="fold")
@@ -92,7 +85,7 @@ def keys_command(
 
 def _markdown(method: str | None) -> None:
     """Markdown tables: one method's every key, or the shared keys once and then each method's own."""
-    from preftune.config import TrainConfig
+    from preftune.train.base import TrainConfig
 
     def table(infos: list[KeyInfo]) -> None:
         typer.echo("| key | type | default | help |\n|---|---|---|---|")
@@ -103,13 +96,13 @@ def _markdown(method: str | None) -> None:
 
     if method:
         typer.echo(f"### `preftune train {method}`\n")
-        table(keys(CONFIGS[method]))
+        table(keys(METHODS[method].config))
         return
     shared = {i.name: i for i in keys(TrainConfig)}
     typer.echo("### Keys of every training command\n")
     table(list(shared.values()))
-    for name, cls in CONFIGS.items():
-        own = [i for i in keys(cls) if i.name not in shared or i.default != shared[i.name].default]
+    for name, spec in METHODS.items():
+        own = [i for i in keys(spec.config) if i.name not in shared or i.default != shared[i.name].default]
         typer.echo(f"\n### `preftune train {name}`: its own keys and defaults\n")
         table(own)
 
@@ -118,11 +111,11 @@ def _raise(exc: Exception) -> None:
     raise exc
 
 
-for _name in CONFIGS:
+for _name in METHODS:
     train_app.command(
         name=_name,
         epilog="[bold]Keys[/] (in CONFIG or as --key value; --lora.r 8 sets one LoRA field):\n\n"
-               + _key_lines(keys(CONFIGS[_name])),
+               + _key_lines(keys(METHODS[_name].config)),
         context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
     )(_command(_name))
 train_app.command(name="keys")(keys_command)

@@ -33,7 +33,11 @@ __all__ = [
     "causal_lm_token_logps",
     "lm_head_parts",
     "sequence_logps",
-    "shift_for_causal_lm",
+    "next_token_labels",
+    "position_ids_from_mask",
+    "forward_logits",
+    "label_logps",
+    "batch_logps",
     "token_logps",
     "token_logps_from_hidden",
 ]
@@ -114,7 +118,7 @@ def token_logps(logits: Tensor, labels: Tensor, *, chunk_size: int | None = None
 
     Args:
         logits: [B, T, V] scores in any float dtype (bf16 / fp16 / fp32 / fp64); not copied.
-        labels: [B, T] long, already aligned with ``logits`` (see :func:`shift_for_causal_lm`);
+        labels: [B, T] long, already aligned with ``logits`` (see :func:`next_token_labels`);
             ``-100`` = ignore.
         chunk_size: rows (of the B*T positions) processed at once; extra memory is ``chunk_size * V``
             fp32 values in forward and in backward. ``None``: :func:`auto_chunk_size`.
@@ -250,31 +254,24 @@ def token_logps_from_hidden(hidden: Tensor, lm_head_weight: Tensor, labels: Tens
     return flat.view(b, t)
 
 
-def shift_for_causal_lm(input_ids: Tensor, loss_mask: Tensor) -> Tensor:
-    """Labels aligned with a causal LM's logits: ``labels[b, t] = input_ids[b, t+1]`` if
-    ``loss_mask[b, t+1]`` else ``-100``; the last position is always ``-100``.
+def next_token_labels(labels: Tensor) -> Tensor:
+    """Targets aligned with a causal LM's logits: ``targets[b, t] = labels[b, t+1]``; the last position
+    scores nothing (``-100``).
 
-    The logits at position t predict token t+1, so shifting the *labels* (not the logits) lets
-    :func:`token_logps` use the model's [B, T, V] logits as they are, without a sliced copy.
-
-    Args:
-        input_ids: [B, T] token ids.
-        loss_mask: [B, T] bool/int, true for the tokens whose log-prob counts (the response tokens).
-
-    Returns:
-        [B, T] long labels.
+    ``labels`` hold the token id at every position whose log-prob counts (a completion's tokens) and
+    ``-100`` elsewhere, as ``preftune.data.tokenize`` and the rollouts build them. The logits at position
+    t predict token t+1, so shifting the *labels* (not the logits) lets :func:`token_logps` use the
+    model's [B, T, V] logits as they are, without a sliced copy. This is the one label shift.
     """
-    if input_ids.shape != loss_mask.shape or input_ids.dim() != 2:
-        raise ValueError(f"input_ids and loss_mask must both be [B, T]; got {tuple(input_ids.shape)} "
-                         f"and {tuple(loss_mask.shape)}")
-    labels = torch.full_like(input_ids, IGNORE_INDEX, dtype=torch.long)
-    keep = loss_mask[:, 1:].bool()
-    labels[:, :-1] = torch.where(keep, input_ids[:, 1:].long(), labels[:, :-1])
-    return labels
+    if labels.dim() != 2:
+        raise ValueError(f"labels must be [B, T], got shape {tuple(labels.shape)}")
+    targets = torch.full_like(labels, IGNORE_INDEX)
+    targets[:, :-1] = labels[:, 1:]
+    return targets
 
 
 def sequence_logps(token_logps: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-sequence sum of token log-probs over valid labels, and the number of valid labels.
+    """Per-sequence sum of token log-probs over valid (aligned) labels, and the number of valid labels.
 
     ``log pi(y|x) = sum_t log pi(y_t | x, y_<t)`` (Rafailov et al. 2023, Eq. 7 uses this sum; SimPO,
     Meng et al. 2024, Eq. 4 divides it by the count for a length-normalised reward).
@@ -291,6 +288,52 @@ def sequence_logps(token_logps: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]
     valid = labels != IGNORE_INDEX
     sums = (token_logps * valid).sum(-1)
     return sums, valid.sum(-1).to(token_logps.dtype)
+
+
+# ------------------------------------------------------------------------------------------------ a batch
+
+
+def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
+    """Positions 0, 1, 2, ... of the real tokens, whatever the padding side (pads get 0).
+
+    left-padded mask [0, 0, 1, 1, 1] -> [0, 0, 0, 1, 2]; right-padded [1, 1, 1, 0, 0] -> [0, 1, 2, 0, 0].
+    Hugging Face decoders number positions 0..T-1 whatever the mask says, so every forward pass of
+    preftune passes these.
+    """
+    mask = attention_mask.long()
+    return ((mask.cumsum(-1) - 1) * mask).clamp(min=0)
+
+
+def forward_logits(model: Any, batch: dict[str, Tensor]) -> Tensor:
+    """The [B, T, V] logits of a causal LM on ``batch`` (``input_ids``, ``attention_mask``), positions
+    from the mask. ``model`` may be wrapped (DDP, peft): it is called as a whole."""
+    mask = batch["attention_mask"]
+    return model(input_ids=batch["input_ids"], attention_mask=mask, position_ids=position_ids_from_mask(mask),
+                 use_cache=False).logits
+
+
+def label_logps(logits: Tensor, labels: Tensor, *, temperature: float = 1.0,
+                chunk_size: int | None = None) -> Tensor:
+    """[B, T] log-probs of the labelled tokens under ``softmax(logits / temperature)``, each at the
+    position that predicts it (``next_token_labels``); 0 where nothing is scored. ``labels`` are the
+    batch's unshifted labels (-100 = not scored)."""
+    if temperature != 1.0:
+        logits = logits / temperature
+    return token_logps(logits, next_token_labels(labels), chunk_size=chunk_size)
+
+
+def batch_logps(model: Any, batch: dict[str, Tensor], *, temperature: float = 1.0,
+                chunk_size: int | None = None) -> tuple[Tensor, Tensor]:
+    """Summed log-probs [B] of each row's labelled tokens and their counts [B]: the one way from a batch
+    (``input_ids``, ``attention_mask``, ``labels``) to ``log pi(y|x) = sum_t log pi(y_t | x, y_<t)``
+    (Rafailov et al. 2023, Eq. 7). Left and right padding give the same values."""
+    per_token = label_logps(forward_logits(model, batch), batch["labels"], temperature=temperature,
+                            chunk_size=chunk_size)
+    counts = (batch["labels"][:, 1:] != IGNORE_INDEX).sum(-1).to(per_token.dtype)
+    return per_token.sum(-1), counts
+
+
+# ------------------------------------------------------------------------------------------------ fused lm_head
 
 
 def lm_head_parts(model: torch.nn.Module) -> tuple[Tensor, Tensor | None, float | None] | None:

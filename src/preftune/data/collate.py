@@ -15,7 +15,8 @@ from typing import Any
 
 import torch
 
-from preftune.data.tokenize import IGNORE_INDEX, TokenizedPair, TokenizedRanking, TokenizedSequence
+from preftune.core.logprobs import IGNORE_INDEX
+from preftune.data.tokenize import TokenizedPair, TokenizedRanking, TokenizedSequence
 
 
 def pad_sequences(sequences: Sequence[Sequence[int]], *, pad_value: int,

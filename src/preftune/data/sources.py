@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from preftune.data.jsonl import parse_jsonl, read_text
 from preftune.errors import PreftuneError
 
 DATA_SUFFIXES = (".jsonl", ".ndjson", ".json", ".csv", ".parquet")
@@ -89,17 +90,7 @@ def read_file(path: Path, *, split: str = "train") -> Iterator[Record]:
     if suffix not in DATA_SUFFIXES:
         raise PreftuneError(f"unsupported file type '{suffix or path.name}'", path=name,
                             hint=f"use one of {', '.join(DATA_SUFFIXES)}")
-    try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise PreftuneError(f"cannot read the file: {exc.strerror or exc}", path=name) from None
-    try:
-        text = raw.decode("utf-8-sig").replace("\r\n", "\n")
-    except UnicodeDecodeError as exc:
-        line = raw.count(b"\n", 0, exc.start) + 1
-        col = exc.start - (raw.rfind(b"\n", 0, exc.start) + 1) + 1
-        raise PreftuneError(f"not UTF-8 text: byte 0x{raw[exc.start]:02x} at column {col}", path=name, line=line,
-                            hint="save the file as UTF-8") from None
+    text = read_text(path)
     if suffix == ".csv":
         yield from _read_csv(name, text)
     elif suffix == ".json":
@@ -109,18 +100,8 @@ def read_file(path: Path, *, split: str = "train") -> Iterator[Record]:
 
 
 def _read_jsonl(name: str, text: str) -> Iterator[Record]:
-    for lineno, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise PreftuneError(f"malformed JSON: {exc.msg} (column {exc.colno})", path=name, line=lineno,
-                                hint="each line of a JSONL file must hold one complete JSON object") from None
-        if not isinstance(record, dict):
-            raise PreftuneError(f"expected a JSON object, got {type(record).__name__}", path=name, line=lineno,
-                                hint="each line of a JSONL file must hold one JSON object with named fields")
-        yield name, lineno, record
+    for line, record in parse_jsonl(text, path=name):
+        yield name, line, record
 
 
 def _read_json(name: str, text: str, split: str) -> Iterator[Record]:

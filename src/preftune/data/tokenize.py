@@ -28,9 +28,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from preftune.core.logprobs import IGNORE_INDEX
 from preftune.errors import PreftuneError
 
-IGNORE_INDEX = -100
 TRUNCATION_MODES = ("keep_end", "error", "drop")
 
 Text = str | list[dict[str, Any]]

@@ -28,18 +28,19 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
-from preftune.config import _require, opt, to_dict
+from preftune.config import Config, check_choices, opt, require, to_dict
 from preftune.errors import PreftuneError
 
 
 @dataclass
-class FrontierConfig:
+class FrontierConfig(Config):
     """`preftune experiment frontier`: DPO, PPO, RLOO, RAFT and unlikelihood on one ground-truth reward."""
 
-    command_label: ClassVar[str] = "experiment frontier"
-    keys_hint: ClassVar[str] = "`preftune experiment frontier --help` lists every key"
+    @classmethod
+    def label(cls) -> str:
+        return "experiment frontier"
 
     model: str = opt("", "the SFT model every run starts from; also the reference of the KL (required)")
     train_prompts: str = opt("", "prompts to train on and to sample preference data from (required)")
@@ -67,19 +68,17 @@ class FrontierConfig:
     seed: int = opt(0, "seed of the preference samples and the measurement samples")
 
     def validate(self) -> None:
-        from preftune.config import check_choices
-
-        check_choices(self)  # type: ignore[arg-type]
+        check_choices(self)
         for key in ("model", "output_dir"):
-            _require(self, key, bool(getattr(self, key)), "is required")
+            require(self, key, bool(getattr(self, key)), "is required")
         for key in ("preference_samples", "eval_samples", "generation_batch_size", "max_new_tokens"):
-            _require(self, key, getattr(self, key) >= 1, "must be >= 1")
-        _require(self, "preference_samples", self.preference_samples >= 2, "must be >= 2 (best vs worst)")
-        _require(self, "temperature", self.temperature > 0, "must be > 0")
-        _require(self, "max_new_tokens", self.max_new_tokens < self.max_length, "must be < max_length")
+            require(self, key, getattr(self, key) >= 1, "must be >= 1")
+        require(self, "preference_samples", self.preference_samples >= 2, "must be >= 2 (best vs worst)")
+        require(self, "temperature", self.temperature > 0, "must be > 0")
+        require(self, "max_new_tokens", self.max_new_tokens < self.max_length, "must be < max_length")
         for key in ("dpo_betas", "ppo_kl_coefs", "rloo_kl_coefs"):
-            _require(self, key, all(v >= 0 for v in getattr(self, key)), "must hold numbers >= 0")
-        _require(self, "dpo_betas", all(v > 0 for v in self.dpo_betas), "must hold numbers > 0")
+            require(self, key, all(v >= 0 for v in getattr(self, key)), "must hold numbers >= 0")
+        require(self, "dpo_betas", all(v > 0 for v in self.dpo_betas), "must hold numbers > 0")
 
 
 @dataclass
@@ -119,8 +118,8 @@ def frontier(config: FrontierConfig | dict[str, Any] | str | Path, *, reward_fn:
              log: Callable[[str], None] = print, **overrides: Any) -> dict[str, Any]:
     """Run the experiment (see the module docstring); returns what ``frontier.json`` holds."""
     from preftune.config import from_mapping, load_config
-    from preftune.generate import load_prompts
-    from preftune.train.rollout import load_scorer
+    from preftune.data.prompts import load_prompts
+    from preftune.models.rewards import load_scorer
 
     if isinstance(config, (str, Path)):
         config = load_config(FrontierConfig, config)  # type: ignore[arg-type]
@@ -190,7 +189,8 @@ def _sample_preferences(config: FrontierConfig, prompts: list[Any], scorer: Any,
 def _train(run: Run, config: FrontierConfig, out: Path, *, preferences: str, prompts: list[Any],
            reward_fn: Any, log: Any) -> str:
     """Train one run unless its final model exists with the same keys; says which it did."""
-    from preftune.train.loop import METHODS, resolve_config, train
+    from preftune.train import METHODS, resolve_config
+    from preftune.train.loop import train
 
     directory = out / "runs" / run.name
     keys = {**run.keys, "output_dir": str(directory)}
@@ -209,10 +209,7 @@ def _train(run: Run, config: FrontierConfig, out: Path, *, preferences: str, pro
     resolved = resolve_config(run.command, keys)
     directory.mkdir(parents=True, exist_ok=True)
     record.write_text(json.dumps(_jsonable(keys), indent=2), encoding="utf-8")
-    module, _, name = METHODS[run.command].partition(":")
-    import importlib
-
-    cls = getattr(importlib.import_module(module), name)
+    cls = METHODS[run.command].method
     method = cls(prompts=prompts, reward_fn=reward_fn) if run.command != "dpo" else cls()
     return f"trained, {train(method, resolved)}"
 

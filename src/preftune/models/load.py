@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from preftune.core.logprobs import position_ids_from_mask
 from preftune.errors import PreftuneError
 
 _DTYPES = {
@@ -32,6 +33,11 @@ _DTYPES = {
     "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
     "float16": torch.float16, "fp16": torch.float16,
 }
+
+
+def default_device(device: str | None = None) -> str:
+    """``device`` when given, else ``cuda`` when a GPU is available, else ``cpu``."""
+    return device or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | str | None:
@@ -149,6 +155,18 @@ def reference_from(model: Any) -> Any:
     return freeze(copy.deepcopy(unwrap(model)))
 
 
+def build_reference(policy: Any, *, ref_model: str | None, lora: Any, dtype: str | torch.dtype | None = "auto",
+                    tokenizer: Any | None = None, trust_remote_code: bool = False) -> Any:
+    """pi_ref of the DPO loss and of the KL penalty: the model ``ref_model`` when given; None with LoRA
+    (the policy with its adapter disabled is the reference: no extra memory, see ``adapter_disabled``);
+    else a frozen copy of the policy as it is now (pi_ref = pi_SFT at step 0)."""
+    if ref_model:
+        return load_reference(ref_model, dtype=dtype, trust_remote_code=trust_remote_code, tokenizer=tokenizer)
+    if lora:
+        return None
+    return reference_from(policy)
+
+
 def is_peft(model: Any) -> bool:
     return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
 
@@ -214,15 +232,6 @@ def hf_model(model: Any) -> Any:
 
 
 # ---------------------------------------------------------------------------------------------- forward helpers
-def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Positions 0, 1, 2, ... of the real tokens, whatever the padding side (pads get 0).
-
-    left-padded mask [0, 0, 1, 1, 1] -> [0, 0, 0, 1, 2]; right-padded [1, 1, 1, 0, 0] -> [0, 1, 2, 0, 0].
-    """
-    mask = attention_mask.long()
-    return ((mask.cumsum(-1) - 1) * mask).clamp(min=0)
-
-
 def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
     """Index of the last attended token of each row, for left or right padding: max_t (t * mask_t)."""
     positions = torch.arange(attention_mask.shape[-1], device=attention_mask.device)

@@ -23,40 +23,68 @@ pairs with chosen reward > rejected reward), ``logps/chosen``, ``logps/rejected`
 
 from __future__ import annotations
 
-import gc
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
-import torch
+from preftune.config import fail, opt, suggest
+from preftune.train.base import MethodSpec, PairConfig, RunContext, StepOutput
 
-from preftune.config import DPOConfig
-from preftune.data.tokenize import IGNORE_INDEX
-from preftune.train.base import RunContext, StepOutput
-
-
-def next_token_labels(labels: torch.Tensor) -> torch.Tensor:
-    """Labels aligned with a causal LM's logits: position t scores token t+1; the last scores nothing."""
-    shifted = torch.full_like(labels, IGNORE_INDEX)
-    shifted[:, :-1] = labels[:, 1:]
-    return shifted
+if TYPE_CHECKING:
+    import torch
 
 
-def sequence_logps(model: Any, batch: dict[str, torch.Tensor], *,
-                   chunk_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed response log-probs [N] and response token counts [N] of every row of ``batch``.
+# The flat loss keys; null means "the loss function's own default" (e.g. beta 0.1 for dpo, 2.0 for simpo).
+_DPO_LOSS_KEYS = ("beta", "label_smoothing", "gamma", "alpha")
 
-    ``sum_t log pi(y_t | x, y_<t)`` over positions whose label is not -100 (the response and its EOS);
-    positions come from the attention mask, so left and right padding give the same values.
-    """
-    from preftune.core.logprobs import token_logps
-    from preftune.models import position_ids_from_mask
 
-    mask = batch["attention_mask"]
-    logits = model(input_ids=batch["input_ids"], attention_mask=mask, position_ids=position_ids_from_mask(mask),
-                   use_cache=False).logits
-    targets = next_token_labels(batch["labels"])
-    per_token = token_logps(logits, targets, chunk_size=chunk_size)  # [N, T] float32, 0 where -100
-    return per_token.sum(-1), (targets != IGNORE_INDEX).sum(-1).to(per_token.dtype)
+@dataclass
+class DPOConfig(PairConfig):
+    """`preftune train dpo`: direct preference optimisation and its family of losses."""
+
+    command: ClassVar[str] = "dpo"
+
+    learning_rate: float = opt(5e-7, "peak learning rate of AdamW")
+    output_dir: str = opt("runs/dpo", "run directory: config.yaml, metrics.jsonl, checkpoints/, final/")
+    ref_model: str | None = opt(None, "reference pi_ref; null = the starting model (with lora: adapters off)")
+    loss: str = opt("dpo", "preference loss: dpo, ipo, cdpo, hinge, robust, orpo, simpo, unlikelihood")
+    beta: float | None = opt(None, "loss temperature beta; null = the loss's default (0.1 for dpo)")
+    label_smoothing: float | None = opt(None, "label-flip rate eps of cdpo / robust; null = their default")
+    gamma: float | None = opt(None, "SimPO target margin gamma; null = its default (0.5)")
+    alpha: float | None = opt(None, "unlikelihood weight alpha; null = its default (1.0)")
+    loss_kwargs: dict[str, Any] = opt({}, "any other keyword hyperparameters of the loss function")
+    precompute_ref_logps: bool = opt(True, "compute reference log-probs once before training (cached on "
+                                     "disk), then free the reference; false = a reference forward every step")
+    ref_cache_dir: str | None = opt(None, "directory of the reference log-prob cache; "
+                                    "null = ~/.cache/preftune/ref_logps")
+
+    def validate(self) -> None:
+        super().validate()
+        self.loss_hparams()
+
+    def loss_hparams(self) -> dict[str, Any]:
+        """The keyword hyperparameters for ``preftune.core.losses.preference_loss(self.loss, ...)``.
+
+        Flat keys (beta, label_smoothing, gamma, alpha) that are set, plus ``loss_kwargs``; a key the
+        chosen loss does not accept is an error naming it and listing what the loss accepts.
+        """
+        from preftune.core.losses import LOSSES  # torch only; imported when a DPO config is validated
+
+        spec = LOSSES.get(self.loss)
+        if spec is None:
+            fail(self, "loss", f"unknown loss {self.loss!r}", suggest(self.loss, list(LOSSES)))
+        hparams = {k: getattr(self, k) for k in _DPO_LOSS_KEYS if getattr(self, k) is not None}
+        clash = sorted(set(hparams) & set(self.loss_kwargs))
+        if clash:
+            fail(self, "loss_kwargs", f"sets {', '.join(clash)} which is also a top-level key",
+                 "set it in one place only")
+        hparams.update(self.loss_kwargs)
+        for key in hparams:
+            if key not in spec.hparams:
+                where = "loss_kwargs" if key in self.loss_kwargs else key
+                fail(self, where, f"loss {self.loss!r} has no hyperparameter {key!r}",
+                     f"{self.loss} accepts: {', '.join(spec.hparams) or 'nothing'}")
+        return hparams
 
 
 class DPOMethod:
@@ -74,9 +102,14 @@ class DPOMethod:
 
     # ------------------------------------------------------------------------------------------ setup
     def setup(self, ctx: RunContext) -> None:
+        import gc
+
+        import torch
+
         from preftune.core.losses import LOSSES
         from preftune.models import load_policy, load_tokenizer
-        from preftune.train.reward import load_preference_items
+        from preftune.models.load import build_reference
+        from preftune.train.data import load_preference_items
 
         config: DPOConfig = ctx.config
         self.config, self.accelerator = config, ctx.accelerator
@@ -92,7 +125,8 @@ class DPOMethod:
             if config.ref_model:
                 ctx.log(f"loss {config.loss} uses no reference model; ref_model is ignored")
             return
-        self.ref_model = self._build_reference(config)
+        self.ref_model = build_reference(self.model, ref_model=config.ref_model, lora=config.lora, dtype=config.dtype,
+                                         tokenizer=self.tokenizer, trust_remote_code=config.trust_remote_code)
         if config.precompute_ref_logps:
             for name, items in (("train", self.train_items), ("eval", self.eval_items)):
                 if items:
@@ -104,26 +138,18 @@ class DPOMethod:
         elif self.ref_model is not None:
             self.ref_model.to(ctx.accelerator.device)
 
-    def _build_reference(self, config: DPOConfig) -> torch.nn.Module | None:
-        """pi_ref: ``ref_model``; else None with LoRA (adapter disabled); else a frozen copy of the policy."""
-        from preftune.models import load_reference, reference_from
-
-        if config.ref_model:
-            return load_reference(config.ref_model, dtype=config.dtype, trust_remote_code=config.trust_remote_code,
-                                  tokenizer=self.tokenizer)
-        if config.lora:
-            return None
-        return reference_from(self.model)
-
     def _reference_logps(self, model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Summed reference log-probs [2B] of a batch, without gradients."""
+        import torch
+
+        from preftune.core.logprobs import batch_logps
         from preftune.models import adapter_disabled
 
         with torch.no_grad():
             if self.ref_model is not None:
-                return sequence_logps(self.ref_model, batch)[0]
+                return batch_logps(self.ref_model, batch)[0]
             with adapter_disabled(model) as base:
-                return sequence_logps(base, batch)[0]
+                return batch_logps(base, batch)[0]
 
     def _precompute(self, items: list[Any], *, name: str, log: Any) -> bool:
         """Reference log-probs of ``items`` from the disk cache, or one no-grad pass that fills it."""
@@ -168,9 +194,10 @@ class DPOMethod:
 
     def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor], *, normaliser: float) -> StepOutput:
         """``sum_pairs loss_name(...) / normaliser`` plus the reward and log-prob metric sums."""
+        from preftune.core.logprobs import batch_logps
         from preftune.core.losses import preference_loss
 
-        logps, counts = sequence_logps(model, batch)
+        logps, counts = batch_logps(model, batch)
         pairs = logps.shape[0] // 2
         chosen, rejected = logps[:pairs], logps[pairs:]
         ref: dict[str, torch.Tensor] = {}
@@ -201,6 +228,10 @@ class DPOMethod:
 
 def train_dpo(config: DPOConfig | dict[str, Any] | str | Path, **overrides: Any) -> Path:
     """Run ``preftune train dpo`` from Python; returns ``OUTPUT_DIR/final``."""
-    from preftune.train.loop import run
+    from preftune.train import run
 
     return run("dpo", config, **overrides)
+
+
+SPEC = MethodSpec("dpo", DPOConfig, DPOMethod,
+                  "Train a policy directly on preference pairs: DPO and its family (ipo, cdpo, orpo, simpo, ...).")

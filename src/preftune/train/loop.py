@@ -25,8 +25,6 @@ metrics are their sums over all units divided by ``U``.
 from __future__ import annotations
 
 import contextlib
-import difflib
-import json
 import math
 import signal
 import threading
@@ -37,58 +35,12 @@ from typing import Any
 
 import torch
 
-from preftune.config import TrainConfig, command_of, to_dict, write_config
+from preftune.config import to_dict, write_config
+from preftune.data.jsonl import append_jsonl, read_records, truncate_jsonl
 from preftune.errors import PreftuneError
-from preftune.train.base import RunContext, StepOutput, TrainingMethod
+from preftune.train.base import RunContext, StepOutput, TrainConfig, TrainingMethod
 from preftune.train.checkpoint import TrainerState, find_resume, load_checkpoint, save_checkpoint
-from preftune.train.plan import batch_indices, epoch_order, plan_steps, split_for_process  # noqa: F401 (also loop's API)
-
-# ------------------------------------------------------------------------------------------------ entry point
-
-# command -> "module:class" of its method; imported only when that command runs
-METHODS = {
-    "sft": "preftune.train.sft:SFTMethod",
-    "reward": "preftune.train.reward:RewardMethod",
-    "dpo": "preftune.train.dpo:DPOMethod",
-    "ppo": "preftune.train.ppo:PPOMethod",
-    "rloo": "preftune.train.rloo:RLOOMethod",
-    "raft": "preftune.train.raft:RAFTMethod",
-}
-
-
-def run(command: str, config: TrainConfig | dict[str, Any] | str | Path, **overrides: Any) -> Path:
-    """``preftune train COMMAND`` from Python: build the method, train, return ``OUTPUT_DIR/final``.
-
-    ``config`` is a config instance, a mapping of keys or a YAML path; ``overrides`` change keys
-    (``run("dpo", "dpo.yaml", beta=0.2)``). Unknown keys and wrong types raise PreftuneError.
-    """
-    import importlib
-
-    config = resolve_config(command, config, **overrides)
-    module, _, name = METHODS[command].partition(":")
-    method = getattr(importlib.import_module(module), name)()
-    return train(method, config)
-
-
-def resolve_config(command: str, config: TrainConfig | dict[str, Any] | str | Path, **overrides: Any) -> Any:
-    """The validated config of ``train COMMAND`` from an instance, a mapping or a YAML path, plus overrides."""
-    from preftune.config import CONFIGS, from_mapping, load_config
-
-    if command not in METHODS or command not in CONFIGS:
-        close = difflib.get_close_matches(command, list(METHODS), n=1)
-        raise PreftuneError(f"unknown training method {command!r}",
-                            hint=(f"did you mean {close[0]!r}? " if close else "") + f"methods: {', '.join(METHODS)}")
-    cls = CONFIGS[command]
-    if isinstance(config, (str, Path)):
-        config = load_config(cls, config)
-    if isinstance(config, dict):
-        config = from_mapping(cls, config)
-    if overrides:
-        config = from_mapping(cls, {**to_dict(config), **overrides})
-    if not isinstance(config, cls):
-        raise PreftuneError(f"`train {command}` needs a {cls.__name__}, got {type(config).__name__}")
-    return config
-
+from preftune.train.plan import batch_indices, epoch_order, plan_steps, split_for_process
 
 # ------------------------------------------------------------------------------------------------ the loop
 
@@ -108,7 +60,7 @@ def train(method: TrainingMethod, config: TrainConfig) -> Path:
     try:
         set_seed(config.seed)
         if accelerator.is_main_process:
-            write_config(config, out / "config.yaml", command=command_of(config))
+            write_config(config, out / "config.yaml")
         method.setup(RunContext(config=config, accelerator=accelerator, output_dir=out, log=log))
         state = plan_steps(len(method.train_items), config, accelerator.num_processes,
                            updates_per_batch=getattr(method, "updates_per_batch", 1))
@@ -190,6 +142,7 @@ def _train_step(method: TrainingMethod, model: Any, optimizer: Any, scheduler: A
     model.train()
     loss_sum = torch.zeros((), device=accelerator.device, dtype=torch.float64)
     metric_sums: dict[str, torch.Tensor] = {}
+    metric_shares: dict[str, torch.Tensor] = {}
     logs: dict[str, float] = {}
     tokens = 0
     for k, batch in enumerate(micro):
@@ -200,8 +153,9 @@ def _train_step(method: TrainingMethod, model: Any, optimizer: Any, scheduler: A
             out: StepOutput = method.loss(model, batch, normaliser=total_units)
             accelerator.backward(out.loss * world)  # x W: DDP's mean over processes becomes the sum
         loss_sum += out.loss.detach().double()
-        for name, value in out.metric_sums.items():
-            metric_sums[name] = metric_sums.get(name, 0.0) + torch.as_tensor(value).detach().double()
+        for totals, values in ((metric_sums, out.metric_sums), (metric_shares, out.metric_shares)):
+            for name, value in values.items():
+                totals[name] = totals.get(name, 0.0) + torch.as_tensor(value).detach().double()
         logs.update(out.logs)
     # 4. clip, step, schedule
     grad_norm = accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm or float("inf"))
@@ -209,15 +163,19 @@ def _train_step(method: TrainingMethod, model: Any, optimizer: Any, scheduler: A
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    # 5. global values: one all-reduce for the loss, the metric sums, the token count and the stop flag
-    names = sorted(metric_sums)
-    packed = torch.stack([loss_sum, *(metric_sums[n].to(accelerator.device).reshape(()) for n in names),
+    # 5. global values: one all-reduce for the loss, the metrics, the token count and the stop flag;
+    #    metric sums become means over the step's units, metric shares are summed as they are
+    names, shared = sorted(metric_sums), sorted(metric_shares)
+    values = [*(metric_sums[n] for n in names), *(metric_shares[n] for n in shared)]
+    packed = torch.stack([loss_sum, *(v.to(accelerator.device).reshape(()) for v in values),
                           torch.tensor(float(tokens), dtype=torch.float64, device=accelerator.device),
                           torch.tensor(float(stop.requested), dtype=torch.float64, device=accelerator.device)])
     packed = accelerator.reduce(packed, reduction="sum").tolist()
+    metrics = {n: v / total_units for n, v in zip(names, packed[1:1 + len(names)], strict=True)}
+    metrics.update(zip(shared, packed[1 + len(names):-2], strict=True))
     return {"loss": packed[0], "grad_norm": float(grad_norm), "learning_rate": learning_rate,
-            "metrics": {n: v / total_units for n, v in zip(names, packed[1:-2], strict=True)}, "logs": logs,
-            "tokens": packed[-2], "seconds": time.perf_counter() - started, "stop": packed[-1] > 0}
+            "metrics": metrics, "logs": logs, "tokens": packed[-2], "seconds": time.perf_counter() - started,
+            "stop": packed[-1] > 0}
 
 
 @torch.no_grad()
@@ -339,26 +297,17 @@ class MetricsFile:
 
     def __init__(self, path: Path, *, keep_until: int, enabled: bool) -> None:
         self.path, self.enabled = path, enabled
-        if not enabled:
-            return
-        kept = []
-        if path.is_file():
-            for line in path.read_text(encoding="utf-8").splitlines():
-                if line.strip() and json.loads(line).get("step", 0) <= keep_until:
-                    kept.append(line + "\n")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text("".join(kept), encoding="utf-8")
+        if enabled:
+            truncate_jsonl(path, lambda record: record.get("step", 0) <= keep_until)
 
     def write(self, record: dict[str, Any]) -> None:
         if self.enabled:
-            with self.path.open("a", encoding="utf-8") as f:
-                f.write(json.dumps(record) + "\n")
-                f.flush()
+            append_jsonl(self.path, [record])
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     """All records of a metrics.jsonl file."""
-    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    return read_records(path)
 
 
 def _trackers(report_to: str) -> list[str]:
@@ -375,6 +324,8 @@ def _trackers(report_to: str) -> list[str]:
 
 def _scalars(values: dict[str, Any]) -> dict[str, Any]:
     """Hyperparameters as trackers accept them (scalars; None and mappings as text)."""
+    import json
+
     return {k: v if isinstance(v, (bool, int, float, str)) else json.dumps(v) for k, v in values.items()}
 
 

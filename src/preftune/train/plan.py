@@ -22,8 +22,8 @@ from typing import Any
 
 import torch
 
-from preftune.config import TrainConfig
 from preftune.errors import PreftuneError
+from preftune.train.base import TrainConfig
 from preftune.train.checkpoint import TrainerState
 
 
@@ -87,3 +87,13 @@ def split_for_process(items: list[Any], *, micro_batches: int, process: int, num
         raise PreftuneError(f"a step has {len(items)} items, fewer than {chunks} micro-batches x processes")
     bounds = [round(j * len(items) / chunks) for j in range(chunks + 1)]
     return [items[bounds[c]:bounds[c + 1]] for c in (k * num_processes + process for k in range(micro_batches))]
+
+
+def process_share(num_items: int, batch: int, *, config: TrainConfig, process: int, num_processes: int) -> list[int]:
+    """Process ``process``'s share of global batch ``batch`` (0-based) of ``num_items`` items in the seeded
+    epoch order: what an online method's rollouts (its prompts) and PPO-ptx (its SFT rows) take per step."""
+    global_batch = config.batch_size * config.grad_accum * num_processes
+    state = TrainerState(num_items=num_items, global_batch=global_batch,
+                         steps_per_epoch=max(1, num_items // global_batch))
+    per_process = config.batch_size * config.grad_accum
+    return batch_indices(state, batch, seed=config.seed)[process * per_process:(process + 1) * per_process]

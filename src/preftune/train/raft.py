@@ -18,46 +18,81 @@ The unit is the response token. Per rollout it logs ``raft/kept`` (completions k
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
-import torch
+from preftune.config import opt, require
+from preftune.train.base import MethodSpec, OnlineConfig
+from preftune.train.online import OnlineMethod, OnlineRecipe
 
-from preftune.config_online import RAFTConfig
-from preftune.train.base import StepOutput
-from preftune.train.online import OnlineMethod, Rollout
+if TYPE_CHECKING:
+    import torch
+
+    from preftune.train.rollout import Rollout
+
+
+@dataclass
+class RAFTConfig(OnlineConfig):
+    """`preftune train raft`: reward-ranked fine-tuning, SFT on the best of K samples."""
+
+    command: ClassVar[str] = "raft"
+
+    output_dir: str = opt("runs/raft", "run directory: config.yaml, metrics.jsonl, samples.jsonl, final/")
+    num_samples: int = opt(4, "completions sampled per prompt in each rollout (K)")
+    kl_coef: float = opt(0.0, "beta: rank by score - beta * sequence KL; 0 = by the score alone")
+    keep: str = opt("best_of_k", "best_of_k = the best sample of each prompt; top_fraction = the best "
+                    "top_fraction of the whole rollout", choices=("best_of_k", "top_fraction"))
+    top_fraction: float = opt(0.25, "with keep: top_fraction, the share of the rollout kept")
+
+    def validate(self) -> None:
+        super().validate()
+        require(self, "num_samples", self.keep == "top_fraction" or self.num_samples >= 2,
+                 "must be >= 2 to keep the best of K")
+        require(self, "top_fraction", 0.0 < self.top_fraction <= 1.0, "must be in (0, 1]")
+        rows = self.batch_size * self.grad_accum * self.num_mini_batches * self.num_samples
+        require(self, "top_fraction", self.keep != "top_fraction"
+                 or round(self.top_fraction * rows) >= self.grad_accum * self.num_mini_batches,
+                 f"keeps {round(self.top_fraction * rows)} of a rollout's {rows} completions, fewer than "
+                 f"one per micro-batch ({self.grad_accum * self.num_mini_batches}); raise it or batch_size")
+
+
+# (4) keep the best of K (or the global top fraction) by the KL-regularised reward
+def keep_best(ro: Rollout, c: RAFTConfig) -> tuple[list[dict[str, Any]], dict[str, float]]:
+    import torch
+
+    rank = ro.rewards.sum(-1)
+    if c.keep == "best_of_k":
+        groups = rank.reshape(-1, ro.num_samples)
+        kept = (groups.argmax(-1) + torch.arange(groups.shape[0]) * ro.num_samples).tolist()
+    else:
+        kept = sorted(rank.topk(round(c.top_fraction * rank.numel())).indices.tolist())
+    logs = {"raft/kept": float(len(kept)), "raft/kept_scores": float(ro.scores[kept].mean())}
+    return ro.items(kept), logs
+
+
+# (5) update: SFT on the kept completions, the NLL of each token
+def nll_loss(logps: torch.Tensor, values: None, batch: dict[str, torch.Tensor],
+             c: RAFTConfig) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    return -logps, {}
 
 
 class RAFTMethod(OnlineMethod):
     """Reward-ranked fine-tuning (see the module docstring)."""
 
-    unit = "token"
-
-    # (4) keep the best of K (or the global top fraction) by the KL-regularised reward
-    def advantages(self, ro: Rollout) -> tuple[list[dict[str, Any]], dict[str, float]]:
-        c: RAFTConfig = self.config
-        rank = ro.rewards.sum(-1)
-        if c.keep == "best_of_k":
-            groups = rank.reshape(-1, ro.num_samples)
-            kept = (groups.argmax(-1) + torch.arange(groups.shape[0]) * ro.num_samples).tolist()
-        else:
-            kept = sorted(rank.topk(round(c.top_fraction * rank.numel())).indices.tolist())
-        logs = {"raft/kept": float(len(kept)), "raft/kept_scores": float(ro.scores[kept].mean())}
-        return ro.items(kept), logs
-
-    # (5) update: SFT on the kept completions
-    def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor], *, normaliser: float) -> StepOutput:
-        from preftune.train.rollout import policy_logits, response_logps
-
-        nll = -response_logps(policy_logits(model, batch), batch).sum()
-        ptx, ptx_metrics = self.ptx_loss(model, batch, normaliser=normaliser)
-        return StepOutput(loss=nll / normaliser + ptx, metric_sums=ptx_metrics, logs=dict(self.buffer["logs"]))
+    # SFT trains the model's own distribution: the log-probs of the loss are at temperature 1
+    recipe = OnlineRecipe(unit="token", value_network=False, advantages=keep_best, loss=nll_loss,
+                          loss_at_temperature=False)
 
 
 def train_raft(config: RAFTConfig | dict[str, Any] | str | Path, *, prompts: list[Any] | None = None,
-               reward_fn: Any = None, **overrides: Any) -> Path:
+              reward_fn: Any = None, **overrides: Any) -> Path:
     """Run ``preftune train raft`` from Python; returns ``OUTPUT_DIR/final``. ``prompts`` and
     ``reward_fn(prompt, completion) -> float`` replace the ``data`` and ``reward`` keys."""
-    from preftune.train.loop import resolve_config, train
+    from preftune.train import run
 
-    return train(RAFTMethod(prompts=prompts, reward_fn=reward_fn), resolve_config("raft", config, **overrides))
+    return run("raft", config, method=RAFTMethod(prompts=prompts, reward_fn=reward_fn), **overrides)
+
+
+SPEC = MethodSpec("raft", RAFTConfig, RAFTMethod,
+                  "Reward-ranked fine-tuning: sample K per prompt, keep the best (or the top fraction), SFT on them.")

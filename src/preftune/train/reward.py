@@ -23,64 +23,36 @@ responses); ``rewards/std`` (over the responses of the step's last micro-batch) 
 
 from __future__ import annotations
 
-import copy
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
-import torch
+from preftune.config import opt
+from preftune.train.base import MethodSpec, PairConfig, RunContext, StepOutput
 
-from preftune.config import PairConfig, RewardConfig
-from preftune.errors import PreftuneError
-from preftune.train.base import RunContext, StepOutput
-
-
-def _read_preferences(source: str, config: PairConfig, log: Any, *, rankings: str) -> list[Any]:
-    from preftune.data import load_preferences
-
-    items, report = load_preferences(source, split=config.data_split, format=config.data_format,
-                                     rankings=rankings)
-    log(report.summary())
-    for item in items:
-        if not hasattr(item, "chosen") and not hasattr(item, "responses"):
-            raise PreftuneError("unpaired rows (prompt, completion, label) cannot train a pairwise method",
-                                path=getattr(item, "source", None) or source, field="label",
-                                hint="give prompt/chosen/rejected pairs or rankings")
-    if not items:
-        raise PreftuneError("no preference pairs found", path=str(source), field="data",
-                            hint="rows need prompt/chosen/rejected or prompt/responses/ranking (docs/data.md)")
-    return list(items)
+if TYPE_CHECKING:
+    import torch
 
 
-def load_preference_items(config: PairConfig, tokenizer: Any, log: Any, *, rankings: str,
-                          pairs: list[Any] | None = None,
-                          eval_pairs: list[Any] | None = None) -> tuple[list[Any], list[Any]]:
-    """Read (or take) the train and eval preference data, split off eval_fraction, tokenise, log counts."""
-    from preftune.data.tokenize import tokenize_preferences
-    from preftune.train.sft import split_eval
+@dataclass
+class RewardConfig(PairConfig):
+    """`preftune train reward`: a scalar reward model r_phi(x, y) from preference pairs."""
 
-    train = pairs if pairs is not None else _read_preferences(config.data, config, log, rankings=rankings)
-    if eval_pairs is not None:
-        evaluation = list(eval_pairs)
-    elif config.eval_data:
-        evaluation = _read_preferences(config.eval_data, config, log, rankings=rankings)
-    else:
-        train, evaluation = split_eval(list(train), fraction=config.eval_fraction, seed=config.seed)
-    out = []
-    for name, examples in (("train", train), ("eval", evaluation)):
-        items, stats = tokenize_preferences(tokenizer, examples, max_length=config.max_length,
-                                            max_prompt_length=config.max_prompt_length,
-                                            truncation=config.truncation)
-        if examples:
-            log(f"{name}: {stats.summary()} (max_length {config.max_length}, truncation {config.truncation})")
-        if examples and not items:
-            raise PreftuneError(f"every {name} example was dropped by truncation", field="max_length",
-                                hint="raise max_length / max_prompt_length or set truncation: keep_end")
-        out.append(items)
-    return out[0], out[1]
+    command: ClassVar[str] = "reward"
+
+    learning_rate: float = opt(1e-5, "peak learning rate of AdamW")
+    output_dir: str = opt("runs/reward", "run directory: config.yaml, metrics.jsonl, checkpoints/, final/")
+    margin: bool = opt(False, "use the pair's `margin` field in -log sigmoid(r_w - r_l - m) (Llama 2)")
+    rankings: str = opt("keep", "K-way rankings: keep = one item, all K-choose-2 pairs in one forward "
+                        "(InstructGPT); pairs = split into separate pairs", choices=("keep", "pairs"))
+    center_rewards_coefficient: float = opt(0.0, "weight of the (r_w + r_l)^2 penalty that centres rewards "
+                                            "(Eisenstein et al. 2023); 0 = off")
 
 
 def item_rewards(scores: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Per-response scores [N] -> [B, K] rewards, best first (masked slots hold 0)."""
+    import torch
+
     rewards = scores[batch["response_index"]]
     return torch.where(batch["response_mask"], rewards, torch.zeros_like(rewards))
 
@@ -88,6 +60,8 @@ def item_rewards(scores: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.
 def reward_losses(rewards: torch.Tensor, batch: dict[str, torch.Tensor], *, use_margin: bool,
                   center_coefficient: float = 0.0) -> torch.Tensor:
     """Per-item loss [B]: Bradley-Terry for pairs (with margin), the InstructGPT all-pairs loss for rankings."""
+    import torch
+
     from preftune.core.losses import bradley_terry_loss, pairwise_ranking_loss
 
     mask = batch["response_mask"]
@@ -104,6 +78,8 @@ def reward_losses(rewards: torch.Tensor, batch: dict[str, torch.Tensor], *, use_
 
 def _ordered_pairs(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """[B, K, K] float: 1 where i < j are both real responses (i ranked above j); and the pair counts [B]."""
+    import torch
+
     k = mask.shape[1]
     upper = torch.ones(k, k, dtype=torch.bool, device=mask.device).triu(1)
     pairs = (upper & mask[:, :, None] & mask[:, None, :]).float()
@@ -112,6 +88,8 @@ def _ordered_pairs(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def reward_metrics(rewards: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
     """Metric sums over items: accuracy, margin, rewards/chosen, rewards/rejected, rewards/mean."""
+    import torch
+
     rewards, maskf = rewards.detach().float(), mask.float()
     pairs, counts = _ordered_pairs(mask)
     diff = rewards[:, :, None] - rewards[:, None, :]
@@ -139,6 +117,7 @@ class RewardMethod:
 
     def setup(self, ctx: RunContext) -> None:
         from preftune.models import load_reward_model, load_tokenizer
+        from preftune.train.data import load_preference_items
 
         config: RewardConfig = ctx.config
         self.config = config
@@ -177,6 +156,8 @@ class RewardMethod:
 
     def save(self, model: torch.nn.Module, path: Path) -> None:
         """A complete ``AutoModelForSequenceClassification`` directory (LoRA is merged into a copy first)."""
+        import copy
+
         from preftune.models import is_peft
 
         if is_peft(model):
@@ -192,6 +173,10 @@ def _ties(item: Any) -> int:
 
 def train_reward(config: RewardConfig | dict[str, Any] | str | Path, **overrides: Any) -> Path:
     """Run ``preftune train reward`` from Python; returns ``OUTPUT_DIR/final``."""
-    from preftune.train.loop import run
+    from preftune.train import run
 
     return run("reward", config, **overrides)
+
+
+SPEC = MethodSpec("reward", RewardConfig, RewardMethod,
+                  "Train a scalar reward model r(x, y) on preference pairs (Bradley-Terry loss).")

@@ -19,56 +19,82 @@ Metrics (completion means): ``policy/clipfrac``, ``policy/approxkl``, ``val/rati
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
-import torch
+from preftune.config import opt, require
+from preftune.train.base import MethodSpec, OnlineConfig
+from preftune.train.online import OnlineMethod, OnlineRecipe
 
-from preftune.config_online import RLOOConfig
-from preftune.train.base import StepOutput
-from preftune.train.online import OnlineMethod, Rollout
+if TYPE_CHECKING:
+    import torch
+
+    from preftune.train.rollout import Rollout
+
+
+@dataclass
+class RLOOConfig(OnlineConfig):
+    """`preftune train rloo`: REINFORCE with the leave-one-out baseline over K samples per prompt."""
+
+    command: ClassVar[str] = "rloo"
+
+    output_dir: str = opt("runs/rloo", "run directory: config.yaml, metrics.jsonl, samples.jsonl, final/")
+    num_samples: int = opt(4, "completions sampled per prompt in each rollout (K)")
+    baseline: str = opt("leave_one_out", "leave_one_out = mean of the other K - 1 samples (RLOO); mean = the "
+                        "rollout's mean (plain REINFORCE); none", choices=("leave_one_out", "mean", "none"))
+    clip_range: float = opt(0.2, "sequence ratio clip when a rollout is used for more than one step")
+
+    def validate(self) -> None:
+        super().validate()
+        require(self, "num_samples", not (self.baseline == "leave_one_out" and self.num_samples < 2),
+                 "must be >= 2 for the leave-one-out baseline (or set baseline: mean)")
+        require(self, "clip_range", self.clip_range > 0, "must be > 0")
+
+
+# (4) advantages: sequence rewards minus the baseline of the other samples of the prompt
+def baseline_advantages(ro: Rollout, c: RLOOConfig) -> tuple[list[dict[str, Any]], dict[str, float]]:
+    from preftune.core.rl import leave_one_out_advantages, mean_baseline_advantages, whiten
+
+    rewards = ro.rewards.sum(-1)  # r(x, y) - beta * sum_t KL_t
+    if c.baseline == "leave_one_out":
+        advantages = leave_one_out_advantages(rewards, ro.num_samples)
+    elif c.baseline == "mean":
+        advantages = mean_baseline_advantages(rewards)
+    else:
+        advantages = rewards
+    if c.whiten_advantages:
+        advantages = whiten(advantages)
+    return ro.items(old_logp=(ro.logps * ro.mask).sum(-1), advantage=advantages), {}
+
+
+# (5) update: -A * ratio of the whole completion (clipped), per completion
+def sequence_loss(logps: torch.Tensor, values: None, batch: dict[str, torch.Tensor],
+                  c: RLOOConfig) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    from preftune.core.rl import approx_kl, clip_fraction, ppo_policy_loss
+
+    logp = logps.sum(-1)
+    losses, ratio = ppo_policy_loss(logp, batch["old_logp"], batch["advantage"], clip_range=c.clip_range)
+    metrics = {"policy/clipfrac": clip_fraction(ratio, clip_range=c.clip_range).sum(),
+               "policy/approxkl": approx_kl(logp, batch["old_logp"]).sum(), "val/ratio": ratio.sum(),
+               "loss/policy": losses.detach().sum()}
+    return losses, metrics
 
 
 class RLOOMethod(OnlineMethod):
     """REINFORCE with the leave-one-out (or batch-mean) baseline (see the module docstring)."""
 
-    unit = "sequence"
-
-    # (4) advantages: sequence rewards minus the baseline of the other samples of the prompt
-    def advantages(self, ro: Rollout) -> tuple[list[dict[str, Any]], dict[str, float]]:
-        from preftune.core.rl import leave_one_out_advantages, mean_baseline_advantages, whiten
-
-        c: RLOOConfig = self.config
-        rewards = ro.rewards.sum(-1)  # r(x, y) - beta * sum_t KL_t
-        if c.baseline == "leave_one_out":
-            advantages = leave_one_out_advantages(rewards, ro.num_samples)
-        elif c.baseline == "mean":
-            advantages = mean_baseline_advantages(rewards)
-        else:
-            advantages = rewards
-        if c.whiten_advantages:
-            advantages = whiten(advantages)
-        return ro.items(old_logp=(ro.logps * ro.mask).sum(-1), advantage=advantages), {}
-
-    # (5) update: -A * ratio of the whole completion (clipped), summed over completions
-    def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor], *, normaliser: float) -> StepOutput:
-        from preftune.core.rl import approx_kl, clip_fraction, ppo_policy_loss
-        from preftune.train.rollout import policy_logits, response_logps
-
-        c: RLOOConfig = self.config
-        logp = response_logps(policy_logits(model, batch), batch, temperature=c.temperature).sum(-1)
-        losses, ratio = ppo_policy_loss(logp, batch["old_logp"], batch["advantage"], clip_range=c.clip_range)
-        ptx, ptx_metrics = self.ptx_loss(model, batch, normaliser=normaliser)
-        metrics = {"policy/clipfrac": clip_fraction(ratio, clip_range=c.clip_range).sum(),
-                   "policy/approxkl": approx_kl(logp, batch["old_logp"]).sum(), "val/ratio": ratio.sum(),
-                   "loss/policy": losses.detach().sum(), **ptx_metrics}
-        return StepOutput(loss=losses.sum() / normaliser + ptx, metric_sums=metrics, logs=dict(self.buffer["logs"]))
+    recipe = OnlineRecipe(unit="sequence", value_network=False, advantages=baseline_advantages, loss=sequence_loss)
 
 
 def train_rloo(config: RLOOConfig | dict[str, Any] | str | Path, *, prompts: list[Any] | None = None,
-               reward_fn: Any = None, **overrides: Any) -> Path:
+              reward_fn: Any = None, **overrides: Any) -> Path:
     """Run ``preftune train rloo`` from Python; returns ``OUTPUT_DIR/final``. ``prompts`` and
     ``reward_fn(prompt, completion) -> float`` replace the ``data`` and ``reward`` keys."""
-    from preftune.train.loop import resolve_config, train
+    from preftune.train import run
 
-    return train(RLOOMethod(prompts=prompts, reward_fn=reward_fn), resolve_config("rloo", config, **overrides))
+    return run("rloo", config, method=RLOOMethod(prompts=prompts, reward_fn=reward_fn), **overrides)
+
+
+SPEC = MethodSpec("rloo", RLOOConfig, RLOOMethod,
+                  "Online RLHF with REINFORCE: K samples per prompt, the leave-one-out (or batch-mean) baseline.")

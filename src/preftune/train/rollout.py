@@ -5,34 +5,102 @@ Layout of a rollout batch (as in TRL and torchtune): queries are LEFT-padded to 
 responses RIGHT-padded after them, so every row's response starts at column ``Tq``::
 
     input_ids      [B, Tq + R]   <pad> <pad> q q q | y y y <eos> <pad>
+    labels         [B, Tq + R]   -100 ...            | y y y <eos> -100     (the response tokens)
     response_mask  [B, R]        1 on the response tokens (up to and including EOS)
 
-Positions come from the attention mask (``position_ids_from_mask``), the same numbering ``generate``
-used, so the log-probs of a forward pass match those of sampling. The logits at column ``Tq - 1 + j``
-predict response token ``j``; ``response_logps`` returns them as [B, R] without slicing the [B, T, V]
-logits. The policy is the temperature-scaled ``softmax(logits / temperature)`` everywhere (sampling,
+Log-probs take the one path of ``preftune.core.logprobs`` (positions from the attention mask, the same
+numbering ``generate`` used, so a forward pass matches sampling; the one label shift); the logits at
+column ``Tq - 1 + j`` predict response token ``j``, and ``response_logps`` returns them as [B, R]
+without slicing the [B, T, V] logits. The policy is the temperature-scaled ``softmax(logits / temperature)`` everywhere (sampling,
 log-probs, KL), so the gradient is that of the distribution that was sampled (top-k / top-p truncation,
 when set, is not part of it, as in TRL).
 
 Sampling is reproducible: each row draws with its own ``torch.Generator`` seeded from (seed, rollout,
-row), through ``preftune.generate.RowSampler``, so a rollout depends on the seed and the policy only,
-not on the batch size or on what ran before (resume regenerates nothing, see ``online.py``).
+row), through ``preftune.models.sampling.RowSampler``, so a rollout depends on the seed and the policy
+only, not on the batch size or on what ran before (resume regenerates nothing, see ``online.py``).
+
+Also here: the ``Rollout`` a method's advantages are computed from, ``samples.jsonl`` and
+``evaluate_policy`` (reward and KL of a policy on held-out prompts, for the frontier experiment).
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from preftune.data.tokenize import IGNORE_INDEX
+from preftune.core.logprobs import IGNORE_INDEX
+from preftune.data.jsonl import append_jsonl, truncate_jsonl
 from preftune.errors import PreftuneError
 
-Scorer = Callable[[Sequence[Any], Sequence[str]], list[float]]
+# ------------------------------------------------------------------------------------------------ a rollout
+
+
+@dataclass
+class Rollout:
+    """One process's rollout of N = P x K completions (the K samples of a prompt adjacent); token
+    tensors are [N, R] over response tokens, right-padded, ``mask`` 1 on real tokens."""
+
+    prompt_index: list[int]         # index into the method's prompts, per row
+    queries: list[torch.Tensor]     # prompt token ids per row
+    responses: list[torch.Tensor]   # response token ids per row (ending with EOS when it stopped)
+    texts: list[str]                # decoded responses
+    mask: torch.Tensor              # [N, R]
+    logps: torch.Tensor             # [N, R] log pi_old(y_t), the policy that sampled
+    ref_logps: torch.Tensor         # [N, R] log pi_ref(y_t)
+    values: torch.Tensor | None     # [N, R] V(s_t) of the value network (PPO)
+    scores: torch.Tensor            # [N] r(x, y) (minus missing_eos_penalty)
+    kl: torch.Tensor                # [N, R] per-token KL estimate
+    rewards: torch.Tensor           # [N, R] KL-shaped rewards (rl.shaped_rewards)
+    ended: torch.Tensor             # [N] bool: stopped with EOS
+    num_samples: int                # K
+
+    def items(self, rows: list[int] | None = None, **fields: torch.Tensor) -> list[dict[str, Any]]:
+        """Training items of ``rows`` (all by default): query, response and each field, [N, R] tensors
+        cut to the row's response length and [N] tensors as 0-d tensors."""
+        rows = list(range(len(self.queries))) if rows is None else rows
+        lengths = self.mask.sum(-1).long().tolist()
+        out = []
+        for i in rows:
+            item: dict[str, Any] = {"query": self.queries[i], "response": self.responses[i]}
+            for name, value in fields.items():
+                item[name] = value[i, :lengths[i]].clone() if value.dim() == 2 else value[i].clone()
+            out.append(item)
+        return out
+
+
+class SamplesFile:
+    """``OUTPUT_DIR/samples.jsonl``: rows of rollouts (step, prompt, completion, score, reward, kl, ...).
+    On resume, rows written after the checkpoint's step are dropped (they are written again)."""
+
+    def __init__(self, path: Path, *, enabled: bool, every: int = 0, steps_per_rollout: int = 1) -> None:
+        self.path, self.enabled, self.started = path, enabled, False
+        self.every, self.steps_per_rollout = every, steps_per_rollout
+
+    def due(self, rollout: int, step: int) -> bool:
+        """Whether rollout ``rollout`` (starting at ``step``) is written: the first one, then one whenever
+        a multiple of ``every`` steps falls within a rollout; never when ``every`` is 0."""
+        every = self.every
+        return bool(every) and (rollout == 0 or step // every != (step - self.steps_per_rollout) // every)
+
+    def start(self, *, keep_before: int) -> None:
+        truncate_jsonl(self.path, lambda record: record["step"] < keep_before)
+        self.started = True
+
+    def write(self, step: int, ro: Rollout, prompts: list[Any], *, limit: int) -> None:
+        if not self.enabled:
+            return
+        seq_kl, reward = ro.kl.sum(-1), ro.rewards.sum(-1)
+        append_jsonl(self.path, [
+            {"step": step, "prompt": prompts[ro.prompt_index[i]], "sample": i % ro.num_samples,
+             "completion": ro.texts[i], "score": float(ro.scores[i]), "kl": float(seq_kl[i]),
+             "rlhf_reward": float(reward[i]), "length": int(ro.mask[i].sum()), "eos": bool(ro.ended[i])}
+            for i in range(min(limit, len(ro.texts)))])
 
 
 # ------------------------------------------------------------------------------------------------ prompts
@@ -41,7 +109,7 @@ Scorer = Callable[[Sequence[Any], Sequence[str]], list[float]]
 def encode_prompts(tokenizer: Any, prompts: Sequence[Any], *, template: str,
                    max_tokens: int) -> tuple[list[list[int]], int]:
     """Token ids of each templated prompt, cut from the left to ``max_tokens``; and how many were cut."""
-    from preftune.generate import format_prompt
+    from preftune.data.prompts import format_prompt
 
     special = template != "chat"  # a chat template writes its own special tokens
     eos = tokenizer.eos_token_id
@@ -60,12 +128,11 @@ def encode_prompts(tokenizer: Any, prompts: Sequence[Any], *, template: str,
 
 
 def rollout_seed(seed: int, rollout: int, row: int, *, stream: int = 0) -> int:
-    """A 63-bit seed for one row of one rollout (numpy SeedSequence mixing, no collisions by addition);
-    ``stream`` separates independent uses (0: sampling, 1: the mini-batch order of a pass)."""
-    import numpy as np
+    """A 63-bit seed for one row of one rollout (``preftune.models.sampling.row_seed``); ``stream``
+    separates independent uses (0: sampling, 1: the mini-batch order of a pass)."""
+    from preftune.models.sampling import row_seed
 
-    state = np.random.SeedSequence([seed & 0xFFFFFFFF, stream, rollout, row]).generate_state(2)
-    return (int(state[0]) << 31 ^ int(state[1])) & 0x7FFF_FFFF_FFFF_FFFF
+    return row_seed(seed, stream, rollout, row)
 
 
 # ------------------------------------------------------------------------------------------------ batches
@@ -94,45 +161,49 @@ def response_lengths_mask(lengths: Sequence[int] | torch.Tensor, width: int | No
 
 def collate_rollout(queries: Sequence[torch.Tensor], responses: Sequence[torch.Tensor], *,
                     pad_token_id: int) -> dict[str, torch.Tensor]:
-    """Left-padded queries + right-padded responses -> input_ids, attention_mask [B, Tq + R], targets
-    [B, Tq + R] (the response tokens at the columns whose logits predict them, -100 elsewhere),
-    response_mask [B, R] and query_width (Tq)."""
+    """Left-padded queries + right-padded responses -> input_ids, attention_mask, labels [B, Tq + R]
+    (the response tokens, -100 elsewhere), response_mask [B, R] and query_width (Tq)."""
     q = pad_rows(queries, value=pad_token_id, left=True).long()
     r = pad_rows(responses, value=pad_token_id).long()
     q_mask = pad_rows([torch.ones(len(x)) for x in queries], left=True)
     r_mask = response_lengths_mask([len(x) for x in responses], r.shape[1])
     width = q.shape[1]
-    targets = torch.full((q.shape[0], width + r.shape[1]), IGNORE_INDEX, dtype=torch.long)
-    targets[:, width - 1:width - 1 + r.shape[1]] = torch.where(r_mask.bool(), r, IGNORE_INDEX)
+    labels = torch.full((q.shape[0], width + r.shape[1]), IGNORE_INDEX, dtype=torch.long)
+    labels[:, width:] = torch.where(r_mask.bool(), r, IGNORE_INDEX)
     return {"input_ids": torch.cat([q, r], 1), "attention_mask": torch.cat([q_mask, r_mask], 1).long(),
-            "targets": targets, "response_mask": r_mask, "query_width": torch.tensor(width)}
-
-
-def policy_logits(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Logits [B, T, V] of a causal LM on a rollout batch, with positions from the mask."""
-    from preftune.models import position_ids_from_mask
-
-    mask = batch["attention_mask"]
-    return model(input_ids=batch["input_ids"], attention_mask=mask, position_ids=position_ids_from_mask(mask),
-                 use_cache=False).logits
+            "labels": labels, "response_mask": r_mask, "query_width": torch.tensor(width)}
 
 
 def response_logps(logits: torch.Tensor, batch: dict[str, torch.Tensor], *,
                    temperature: float = 1.0) -> torch.Tensor:
     """[B, R] log-probs of the response tokens under ``softmax(logits / temperature)`` (0 on padding),
-    chunked (``preftune.core.logprobs.token_logps``: no fp32 [B, T, V] log-softmax)."""
-    from preftune.core.logprobs import token_logps
+    chunked (``preftune.core.logprobs.label_logps``: no fp32 [B, T, V] log-softmax)."""
+    from preftune.core.logprobs import label_logps
 
-    if temperature != 1.0:
-        logits = logits / temperature
-    per_token = token_logps(logits, batch["targets"])  # [B, T]
-    return response_columns(per_token, batch)
+    return response_columns(label_logps(logits, batch["labels"], temperature=temperature), batch)
 
 
 def response_columns(per_position: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """The columns of a [B, T] per-position tensor that predict the response tokens: [B, R], masked."""
     width, r = int(batch["query_width"]), batch["response_mask"].shape[1]
     return per_position[:, width - 1:width - 1 + r] * batch["response_mask"].to(per_position.dtype)
+
+
+def collate_items(items: list[dict[str, Any]], *, pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Training items of a rollout -> the rollout layout (``collate_rollout``) plus each item field:
+    per-token fields [B, R], per-sequence fields [B]; PPO-ptx rows (an item's ``ptx``) as
+    ``ptx_input_ids`` / ``ptx_attention_mask`` / ``ptx_labels``."""
+    from preftune.data.collate import collate_sft
+
+    batch = collate_rollout([i["query"] for i in items], [i["response"] for i in items], pad_token_id=pad_token_id)
+    for name in (n for n in items[0] if n not in ("query", "response", "ptx")):
+        values = [i[name] for i in items]
+        batch[name] = pad_rows(values) if values[0].dim() == 1 else torch.stack(values)
+    ptx = [row for i in items for row in i.get("ptx", [])]
+    if ptx:
+        rows = collate_sft(ptx, pad_token_id=pad_token_id, padding_side="right")
+        batch.update({f"ptx_{k}": v for k, v in rows.items()})
+    return batch
 
 
 # ------------------------------------------------------------------------------------------------ sampling
@@ -155,10 +226,10 @@ def evaluating(*models: Any) -> Iterator[None]:
 def sample_responses(policy: Any, tokenizer: Any, queries: Sequence[torch.Tensor], *, seeds: Sequence[int],
                      settings: Any, batch_size: int) -> list[torch.Tensor]:
     """One sampled response per query (batched ``generate`` with the KV cache, left padding), each cut
-    after its first EOS. ``settings`` is a ``preftune.generate.GenerationSettings``."""
+    after its first EOS. ``settings`` is a ``preftune.models.sampling.GenerationSettings``."""
     from transformers import GenerationConfig, LogitsProcessorList
 
-    from preftune.generate import RowSampler
+    from preftune.models.sampling import RowSampler
 
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     device = next(policy.parameters()).device
@@ -185,6 +256,7 @@ def rollout_logps(model: Any, queries: Sequence[torch.Tensor], responses: Sequen
                   values: Any = None) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
     """Per-row response log-probs (and per-token values of ``values``, a scalar-head model) without
     gradients and in eval mode, in batches of ``batch_size`` rows. Returns lists of 1-D tensors."""
+    from preftune.core.logprobs import forward_logits
     from preftune.models import token_scores
 
     device = next(model.parameters()).device
@@ -196,13 +268,44 @@ def rollout_logps(model: Any, queries: Sequence[torch.Tensor], responses: Sequen
                                     pad_token_id=pad_token_id)
             batch = {k: v.to(device) for k, v in batch.items()}
             lengths = batch["response_mask"].sum(-1).long().tolist()
-            lp = response_logps(policy_logits(model, batch), batch, temperature=temperature).cpu()  # >= fp32
+            lp = response_logps(forward_logits(model, batch), batch, temperature=temperature).cpu()  # >= fp32
             logps.extend(lp[i, :n] for i, n in enumerate(lengths))
             if values is not None:
                 v = token_scores(values, batch["input_ids"], batch["attention_mask"])
                 v = response_columns(v.to(torch.promote_types(v.dtype, torch.float32)), batch).cpu()
                 vals.extend(v[i, :n] for i, n in enumerate(lengths))
     return logps, (vals if values is not None else None)
+
+
+def rollout_statistics(ro: Rollout, beta: float, reduce: Any) -> dict[str, float]:
+    """Means over every process's rollout (``reduce``: a sum over processes of a float64 tensor):
+    sequence KL, entropy estimate, scores, the KL-regularised reward, length and EOS rate; ``_sequences``
+    is their count (for the adaptive KL controller)."""
+    from preftune.core.rl import sequence_entropy_estimate
+
+    sums = torch.stack([ro.kl.sum(-1).sum(), sequence_entropy_estimate(ro.logps, ro.mask).sum(), ro.scores.sum(),
+                        ro.mask.sum(), ro.ended.float().sum(), torch.tensor(float(len(ro.queries)))]).double()
+    kl, entropy, scores, length, eos, n = reduce(sums).tolist()
+    return {"objective/kl": kl / n, "objective/entropy": entropy / n, "objective/non_score_reward": -beta * kl / n,
+            "objective/rlhf_reward": (scores - beta * kl) / n, "objective/scores": scores / n,
+            "objective/kl_coef": beta, "completions/mean_length": length / n, "completions/eos_rate": eos / n,
+            "_sequences": n}
+
+
+def policy_and_reference_logps(policy: Any, reference: Any, queries: Sequence[torch.Tensor],
+                               responses: Sequence[torch.Tensor], *, value: Any, pad_token_id: int,
+                               temperature: float, batch_size: int) -> tuple[list[Any], list[Any] | None, list[Any]]:
+    """Per-row response log-probs under the policy that sampled (and the value network's values, when
+    ``value`` is one) and under the reference (``reference``, or the policy with its LoRA adapter
+    disabled when ``reference`` is None)."""
+    from preftune.models import adapter_disabled
+
+    kwargs = {"pad_token_id": pad_token_id, "temperature": temperature, "batch_size": batch_size}
+    logps, values = rollout_logps(policy, queries, responses, values=value, **kwargs)
+    if reference is not None:
+        return logps, values, rollout_logps(reference, queries, responses, **kwargs)[0]
+    with adapter_disabled(policy) as base:
+        return logps, values, rollout_logps(base, queries, responses, **kwargs)[0]
 
 
 # ------------------------------------------------------------------------------------------------ measuring
@@ -219,7 +322,7 @@ def evaluate_policy(policy: Any, reference: Any, tokenizer: Any, prompts: Sequen
     measured on the same random numbers. Returns ``reward``, ``reward_se``, ``kl``, ``kl_se`` (standard
     errors of the means), ``length`` (mean tokens) and ``samples``.
     """
-    from preftune.generate import GenerationSettings
+    from preftune.models.sampling import GenerationSettings
 
     queries, _ = encode_prompts(tokenizer, prompts, template=template, max_tokens=max_length - max_new_tokens)
     rows = [(i, torch.tensor(q)) for i, q in enumerate(queries) for _ in range(num_samples)]
@@ -240,35 +343,3 @@ def evaluate_policy(policy: Any, reference: Any, tokenizer: Any, prompts: Sequen
 
     return {"reward": float(rewards.mean()), "reward_se": se(rewards), "kl": float(kl.mean()), "kl_se": se(kl),
             "length": sum(len(r) for r in responses) / n, "samples": n}
-
-
-# ------------------------------------------------------------------------------------------------ rewards
-
-
-def is_function_spec(spec: str) -> bool:
-    """True for ``module:function`` / ``file.py:function``; False for a model directory or hub id."""
-    if Path(spec).is_dir():
-        return False
-    module, sep, name = spec.rpartition(":")
-    return bool(sep and module and name.isidentifier())
-
-
-def load_scorer(spec: str | Callable[..., float], *, device: str | None = None, batch_size: int = 16) -> Scorer:
-    """``scorer(prompts, completions) -> [float]`` from a reward spec or a Python callable.
-
-    A callable or ``module:function`` / ``file.py:function`` is called as ``fn(prompt_text, completion)``;
-    anything else is loaded as a preftune reward model (directory or hub id) and scores prompt +
-    completion + EOS exactly as in reward-model training.
-    """
-    from preftune.generate import prompt_text
-    from preftune.judges import FunctionJudge, RewardModelJudge
-
-    try:
-        if callable(spec) or is_function_spec(spec):
-            judge = FunctionJudge(spec)
-            return lambda prompts, completions: judge.scores([prompt_text(p) for p in prompts], list(completions))
-        judge = RewardModelJudge(spec, batch_size=batch_size, device=device)
-    except PreftuneError as exc:  # re-raise naming the training key, not the judge option
-        raise PreftuneError(exc.message, path=exc.path, line=exc.line, field="reward", hint=exc.hint) from None
-    judge.model.requires_grad_(False)
-    return lambda prompts, completions: judge.scores(list(prompts), list(completions))

@@ -100,7 +100,7 @@ class Demo:
         path.write_text(json.dumps(mine, indent=2) + "\n", encoding="utf-8")
 
     def _train(self, command: str, output: Path, **keys: Any) -> Path:
-        from preftune.train.loop import run
+        from preftune.train import run
 
         base = {"output_dir": str(output), "seed": self.settings.seed, "report_to": "none", "log_every": 5}
         if command in ("sft", "reward", "dpo"):
