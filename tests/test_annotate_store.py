@@ -317,15 +317,15 @@ def test_export_leaves_out_empty_responses_so_the_file_trains(tmp_path: Path) ->
     pair 2 exports normally. The exported file then loads with the preference loader."""
     from dataclasses import replace
 
-    from preftune.annotate.export import write_jsonl as export_jsonl
     from preftune.data import load_preferences
+    from preftune.data.jsonl import write_jsonl as export_jsonl
 
     labels = [replace(lab, response_b="") if lab.pair_id == "1" else lab
               for lab in _labels([("1", "x", "a"), ("1", "y", "b"), ("1", "z", "tie"), ("2", "x", "b")])]
     out = preference_rows(labels, ties="keep")
     assert [(r["pair_id"], r["chosen"], r["rejected"]) for r in out.rows] == [("2", "B2", "A2")]
     assert out.counts["empty_response"] == 3 and out.counts["preferences"] == 3 and out.counts["ties"] == 1
-    export_jsonl(out.rows, tmp_path / "prefs.jsonl")
+    export_jsonl(tmp_path / "prefs.jsonl", out.rows)
     pairs, report = load_preferences(tmp_path / "prefs.jsonl")
     assert [p.chosen for p in pairs] == ["B2"] and report.problems == []
 

@@ -1,4 +1,5 @@
-"""Chunked log-probs equal the naive log_softmax + gather, in value and gradient, without fp32 [B,T,V]."""
+"""Chunked log-probs equal the naive log_softmax + gather, in value and gradient, without fp32 [B,T,V];
+the fused lm_head path (the fused_lm_head key) equals the one over the full logits."""
 
 from __future__ import annotations
 
@@ -10,8 +11,10 @@ import torch
 from preftune.core.logprobs import (
     IGNORE_INDEX,
     auto_chunk_size,
-    causal_lm_token_logps,
+    batch_logps,
+    fused_lm_head_applies,
     lm_head_parts,
+    model_label_logps,
     next_token_labels,
     sequence_logps,
     token_logps,
@@ -73,7 +76,7 @@ def test_gradcheck_from_hidden_float64_with_bias_and_softcap():
     bias = torch.randn(6, generator=g, dtype=torch.float64, requires_grad=True)
     labels = torch.tensor([[1, 5, IGNORE_INDEX], [0, 2, 3]])
     assert torch.autograd.gradcheck(
-        lambda h, w, b: token_logps_from_hidden(h, w, labels, lm_head_bias=b, softcap=2.0, chunk_size=4),
+        lambda h, w, b: token_logps_from_hidden(h, w, labels, lm_head_bias=b, softcap=2.0, chunk_size=4)[0],
         (hidden, weight, bias),
     )
 
@@ -87,7 +90,8 @@ def test_from_hidden_equals_full_logits(softcap):
     labels = torch.randint(0, 13, (2, 7), generator=g)
     labels[1, 3:] = IGNORE_INDEX
     h1, w1 = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
-    out = token_logps_from_hidden(h1, w1, labels, softcap=softcap, chunk_size=3)
+    out, hits = token_logps_from_hidden(h1, w1, labels, softcap=softcap, chunk_size=3)
+    assert hits is None  # only when asked for
     out.sum().backward()
     h2, w2 = hidden.double().requires_grad_(True), weight.double().requires_grad_(True)
     z = h2 @ w2.T
@@ -104,7 +108,7 @@ def test_frozen_head_gets_no_grad_but_hidden_does():
     hidden = torch.randn(1, 4, 8, requires_grad=True)
     weight = torch.randn(10, 8)  # frozen (e.g. LoRA training leaves lm_head alone)
     labels = torch.tensor([[1, 2, 3, IGNORE_INDEX]])
-    token_logps_from_hidden(hidden, weight, labels).sum().backward()
+    token_logps_from_hidden(hidden, weight, labels)[0].sum().backward()
     assert weight.grad is None and hidden.grad is not None and hidden.grad[0, 3].abs().sum() == 0
 
 
@@ -166,11 +170,6 @@ def test_from_hidden_saves_no_logits():
     assert sorted(saved) == sorted([b * t * h, v * h, b * t, b * t])
 
 
-def shift_for_causal_lm(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Targets of the tokens where ``mask`` is set: the labels of a batch, shifted (next_token_labels)."""
-    return next_token_labels(torch.where(mask.bool(), ids, IGNORE_INDEX))
-
-
 def test_next_token_labels():
     """labels [-100, -100, 7, 8] (the response tokens 7, 8 of ids [5, 6, 7, 8]) -> targets
     [-100, 7, 8, -100]: logits at position 1 predict token 7 (t+1 = 2), at 2 predict 8, the last
@@ -195,6 +194,10 @@ def test_auto_chunk_size():
     assert auto_chunk_size(151936, "cpu") == 6
     assert auto_chunk_size(2**21, "cpu") == 1
     assert auto_chunk_size(8192, "cuda") == 4096
+    # fused: at least 128 rows on CPU (each chunk's matmul reads the whole [V, H] lm_head weight)
+    assert auto_chunk_size(151936, "cpu", fused=True) == 128
+    assert auto_chunk_size(4096, "cpu", fused=True) == 256
+    assert auto_chunk_size(8192, "cuda", fused=True) == 4096
     logits, labels = make(b=2, t=40, v=2**16)  # auto: 16 rows per chunk -> 5 chunks over 80 rows
     torch.testing.assert_close(token_logps(logits, labels).double(), naive(logits, labels), rtol=1e-6, atol=1e-5)
 
@@ -208,6 +211,26 @@ def test_bad_inputs_raise_clear_errors():
         token_logps_from_hidden(torch.zeros(1, 2, 4), torch.zeros(5, 3), torch.zeros(1, 2, dtype=torch.long))
 
 
+def test_hits_are_the_argmax_of_the_full_logits_ties_included():
+    """hits == (logits.argmax(-1) == labels) on the full logits: vocabulary rows 3 and 5 of W are equal, so
+    logits 3 and 5 tie everywhere; where they are the maximum, argmax (the first index) says 3, so label 3
+    is a hit and label 5 is not. Ignored positions are never hits."""
+    g = torch.Generator().manual_seed(5)
+    hidden = torch.randn(2, 6, 4, generator=g)
+    weight = torch.randn(8, 4, generator=g)
+    weight[5] = weight[3] = 4 * hidden[0, 0] / hidden[0, 0].norm()  # both rows win at position (0, 0)
+    logits = hidden @ weight.T
+    labels = logits.argmax(-1)                # every label the arg-max ...
+    labels[0, 0] = 5                          # ... except the tie's second index
+    labels[1, :2] = torch.tensor([0, 1])      # and whatever these are
+    labels[1, 5] = IGNORE_INDEX
+    assert logits[0, 0].argmax() == 3 and logits[0, 0, 3] == logits[0, 0, 5]
+    _, hits = token_logps_from_hidden(hidden, weight, labels, chunk_size=5, hits=True)
+    expected = (logits.argmax(-1) == labels) & (labels != IGNORE_INDEX)
+    assert hits.dtype == torch.bool and not hits.requires_grad
+    assert hits.tolist() == expected.tolist() and not hits[0, 0] and not hits[1, 5]
+
+
 def _tiny_llama(tie: bool):
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -217,28 +240,58 @@ def _tiny_llama(tie: bool):
     return LlamaForCausalLM(cfg)
 
 
-@pytest.mark.parametrize("tie", [False, True])
-def test_causal_lm_fused_equals_unfused_on_tiny_llama(tie):
-    """Both paths give the HF model's own log_softmax(logits).gather, and the same parameter gradients."""
-    model = _tiny_llama(tie)
-    ids = torch.randint(0, 40, (2, 9), generator=torch.Generator().manual_seed(3))
+def _batch(seed: int, *, right_pad: bool = True) -> dict[str, torch.Tensor]:
+    """Two rows of 9 tokens; labels (the scored tokens, unshifted) from position 4 on; row 1 padded."""
+    ids = torch.randint(0, 40, (2, 9), generator=torch.Generator().manual_seed(seed))
     attn = torch.ones_like(ids)
-    attn[1, 7:] = 0
-    mask = torch.zeros_like(ids)
-    mask[:, 4:] = 1
-    mask[1, 7:] = 0
-    labels = shift_for_causal_lm(ids, mask)
-    assert lm_head_parts(model) is not None
-    grads = []
+    labels = ids.clone()
+    labels[:, :4] = IGNORE_INDEX
+    if right_pad:
+        attn[1, 7:] = 0
+        labels[1, 7:] = IGNORE_INDEX
+    return {"input_ids": ids, "attention_mask": attn, "labels": labels}
+
+
+def _both_ways(model, batch, **kwargs):
+    """model_label_logps unfused then fused: (log-probs, hits, every parameter's gradient) of each."""
+    results = []
     for fused in (False, True):
         model.zero_grad()
-        out = causal_lm_token_logps(model, ids, attn, labels, chunk_size=5, fused=fused)
-        out.sum().backward()
-        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
-        ref = naive(model(input_ids=ids, attention_mask=attn).logits, labels)
-        torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
-    for name in grads[0]:
-        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-4, atol=1e-6, msg=name)
+        logps, hits = model_label_logps(model, batch, fused=fused, hits=True, **kwargs)
+        logps.sum().backward()
+        results.append((logps.detach(), hits, {n: p.grad.clone() for n, p in model.named_parameters()
+                                               if p.grad is not None}))
+    return results
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_fused_equals_unfused_on_tiny_llama(tie):
+    """Both paths give the HF model's own log_softmax(logits).gather at the shifted labels, the same hits
+    (logits.argmax == target) and the same gradient for every parameter, tied embeddings or not."""
+    model = _tiny_llama(tie)
+    batch = _batch(3)
+    assert lm_head_parts(model) is not None
+    (lp0, hits0, g0), (lp1, hits1, g1) = _both_ways(model, batch, chunk_size=5)
+    targets = next_token_labels(batch["labels"])
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    torch.testing.assert_close(lp0.double(), naive(logits, targets), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lp1, lp0, rtol=1e-5, atol=1e-6)
+    assert hits1.tolist() == hits0.tolist()
+    assert hits0.tolist() == ((logits.argmax(-1) == targets) & (targets != IGNORE_INDEX)).tolist()
+    assert g1.keys() == g0.keys() == {n for n, _ in model.named_parameters()}
+    for name in g0:
+        torch.testing.assert_close(g1[name], g0[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_batch_logps_fused_equals_unfused():
+    """Summed log-probs and counts of the one path from a batch, both ways (auto chunk size)."""
+    model = _tiny_llama(False)
+    batch = _batch(6)
+    with torch.no_grad():
+        sums0, counts0 = batch_logps(model, batch)
+        sums1, counts1 = batch_logps(model, batch, fused=True)
+    torch.testing.assert_close(sums1, sums0, rtol=1e-6, atol=1e-5)
+    assert counts1.tolist() == counts0.tolist() == [5.0, 3.0]  # labels at 4..8; row 1 padded from 7
 
 
 def test_lm_head_parts_declines_wrapped_head():
@@ -247,19 +300,48 @@ def test_lm_head_parts_declines_wrapped_head():
     assert lm_head_parts(model) is None
 
 
+def test_lora_fuses_a_plain_head_and_falls_back_on_a_lora_head():
+    """LoRA on the other layers (peft's default all-linear leaves the output layer out) keeps lm_head a
+    plain, frozen nn.Linear: the fused path applies and gives the same values and gradients. LoRA on
+    lm_head wraps it: fused_lm_head_applies says why, and fused=True computes the full logits (the very
+    same numbers as fused=False)."""
+    from peft import LoraConfig, get_peft_model
+
+    batch = _batch(7)
+    plain = get_peft_model(_tiny_llama(False), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
+                                                          init_lora_weights=False))
+    assert type(plain.get_output_embeddings()) is torch.nn.Linear
+    log: list[str] = []
+    assert fused_lm_head_applies(plain, log.append) and log == []
+    (lp0, hits0, g0), (lp1, hits1, g1) = _both_ways(plain, batch)
+    assert not any("lm_head" in n for n in g0) and any("lora_" in n for n in g0)
+    torch.testing.assert_close(lp1, lp0, rtol=1e-5, atol=1e-6)
+    assert hits1.tolist() == hits0.tolist()
+    for name in g0:
+        torch.testing.assert_close(g1[name], g0[name], rtol=1e-4, atol=1e-6, msg=name)
+
+    wrapped = get_peft_model(_tiny_llama(False), LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
+                                                            target_modules=["q_proj", "lm_head"]))
+    assert lm_head_parts(wrapped) is None
+    assert not fused_lm_head_applies(wrapped, log.append)
+    assert len(log) == 1 and "fused_lm_head" in log[0] and "cannot be fused" in log[0]
+    (lp0, hits0, g0), (lp1, hits1, g1) = _both_ways(wrapped, batch)
+    assert torch.equal(lp1, lp0) and torch.equal(hits1, hits0)
+    assert all(torch.equal(g1[n], g0[n]) for n in g0)
+
+
 def test_fused_under_bf16_autocast_matches_unfused():
     """Under CPU bf16 autocast both paths project with bf16 matmuls (the fused backward recomputes in
     the autocast dtype too), so values agree to fp32-from-bf16 rounding and gradients to bf16 rounding
     (2**-8 relative per value; 2e-2 of the largest gradient entry allows for the sums over V and T)."""
     model = _tiny_llama(False)
-    ids = torch.randint(0, 40, (2, 9), generator=torch.Generator().manual_seed(4))
-    attn = torch.ones_like(ids)
-    labels = shift_for_causal_lm(ids, torch.ones_like(ids))
+    batch = _batch(4, right_pad=False)
+    batch["labels"] = batch["input_ids"].clone()
     outs, grads = [], []
     for fused in (False, True):
         model.zero_grad()
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            out = causal_lm_token_logps(model, ids, attn, labels, chunk_size=4, fused=fused)
+            out, _ = model_label_logps(model, batch, chunk_size=4, fused=fused)
         out.sum().backward()
         outs.append(out.detach())
         grads.append({n: p.grad.clone() for n, p in model.named_parameters()})

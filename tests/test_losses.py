@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from preftune.core import losses as L
+from preftune.core import reward_losses as R
 
 COURSE = json.loads((Path(__file__).parent / "data" / "course_exercise.json").read_text())["expected"]
 REF_BASED = [n for n, s in L.LOSSES.items() if s.needs_reference]
@@ -66,7 +67,7 @@ def test_course_dpo_values():
 def test_course_reward_loss():
     """Course: r_w = 0.5, r_l = 0.8 -> -log sigma(-0.3) = log(1 + e^0.3) = 0.854355."""
     e = COURSE["reward_loss"]
-    loss = L.bradley_terry_loss(t(e["inputs"]["r_chosen"]), t(e["inputs"]["r_rejected"]))
+    loss = R.bradley_terry_loss(t(e["inputs"]["r_chosen"]), t(e["inputs"]["r_rejected"]))
     assert loss.item() == pytest.approx(e["loss"], abs=5e-7)
     assert loss.item() == pytest.approx(softplus(0.3), abs=1e-12)
 
@@ -161,9 +162,9 @@ def test_unlikelihood_pushes_rejected_down():
 
 def test_bradley_terry_margin():
     """r_w = 1, r_l = 0, margin 1: -log sigma(0) = log 2; margin 0 -> softplus(-1). Tensor margins work."""
-    assert L.bradley_terry_loss(t(1.0), t(0.0), margin=1.0).item() == pytest.approx(math.log(2))
-    assert L.bradley_terry_loss(t(1.0), t(0.0), margin=0.0).item() == pytest.approx(softplus(-1.0))
-    per = L.bradley_terry_loss(t(1.0, 1.0), t(0.0, 0.0), margin=t(1.0, 0.0))
+    assert R.bradley_terry_loss(t(1.0), t(0.0), margin=1.0).item() == pytest.approx(math.log(2))
+    assert R.bradley_terry_loss(t(1.0), t(0.0), margin=0.0).item() == pytest.approx(softplus(-1.0))
+    per = R.bradley_terry_loss(t(1.0, 1.0), t(0.0, 0.0), margin=t(1.0, 0.0))
     assert per.tolist() == pytest.approx([math.log(2), softplus(-1.0)])
 
 
@@ -327,7 +328,7 @@ def test_hyperparameter_and_length_validation():
 def test_pairwise_ranking_k2_equals_bradley_terry():
     g = torch.Generator().manual_seed(2)
     r = torch.randn(7, 2, generator=g, dtype=torch.float64)
-    assert torch.allclose(L.pairwise_ranking_loss(r), L.bradley_terry_loss(r[:, 0], r[:, 1]))
+    assert torch.allclose(R.pairwise_ranking_loss(r), R.bradley_terry_loss(r[:, 0], r[:, 1]))
 
 
 def test_pairwise_ranking_hand_value_and_masks():
@@ -338,7 +339,7 @@ def test_pairwise_ranking_hand_value_and_masks():
     r = torch.tensor([[2.0, 1.0, 0.0], [1.0, 0.0, nan], [1.0, nan, 0.0]], dtype=torch.float64,
                      requires_grad=True)
     mask = torch.tensor([[True, True, True], [True, True, False], [True, False, True]])
-    loss = L.pairwise_ranking_loss(r, mask=mask)
+    loss = R.pairwise_ranking_loss(r, mask=mask)
     want = (2 * softplus(-1.0) + softplus(-2.0)) / 3
     assert want == pytest.approx(0.251151, abs=1e-6)
     assert loss.tolist() == pytest.approx([want, softplus(-1.0), softplus(-1.0)], abs=1e-12)
@@ -348,27 +349,27 @@ def test_pairwise_ranking_hand_value_and_masks():
 
 def test_ranking_losses_need_two_valid():
     with pytest.raises(ValueError, match="row 1 has 1 valid responses"):
-        L.pairwise_ranking_loss(t(1.0, 2.0, 3.0, 4.0).view(2, 2), mask=torch.tensor([[1, 1], [1, 0]]))
+        R.pairwise_ranking_loss(t(1.0, 2.0, 3.0, 4.0).view(2, 2), mask=torch.tensor([[1, 1], [1, 0]]))
     with pytest.raises(ValueError, match=r"shape \(B, K\)"):
-        L.pairwise_ranking_loss(t(1.0, 2.0))
+        R.pairwise_ranking_loss(t(1.0, 2.0))
 
 
 def test_plackett_luce_k2_equals_bradley_terry():
     g = torch.Generator().manual_seed(3)
     r = torch.randn(6, 2, generator=g, dtype=torch.float64)
-    assert torch.allclose(L.plackett_luce_loss(r), L.bradley_terry_loss(r[:, 0], r[:, 1]))
+    assert torch.allclose(R.plackett_luce_loss(r), R.bradley_terry_loss(r[:, 0], r[:, 1]))
 
 
 def test_plackett_luce_hand_value_and_mask():
     """Rewards (log 3, log 2, log 1): P = 3/6 * 2/3 * 1 = 1/3, so the loss is log 3. Padding anywhere
     (nan or inf values) gives the same result as the compressed row."""
     r3 = t(math.log(3), math.log(2), 0.0)
-    assert L.plackett_luce_loss(r3.view(1, 3)).item() == pytest.approx(math.log(3), abs=1e-12)
-    assert L.plackett_luce_logprob(r3).item() == pytest.approx(-math.log(3), abs=1e-12)
+    assert R.plackett_luce_loss(r3.view(1, 3)).item() == pytest.approx(math.log(3), abs=1e-12)
+    assert R.plackett_luce_logprob(r3).item() == pytest.approx(-math.log(3), abs=1e-12)
     padded = torch.tensor([[math.log(3), float("inf"), math.log(2), 0.0, float("nan")]], dtype=torch.float64,
                           requires_grad=True)
     mask = torch.tensor([[True, False, True, True, False]])
-    loss = L.plackett_luce_loss(padded, mask=mask)
+    loss = R.plackett_luce_loss(padded, mask=mask)
     assert loss.item() == pytest.approx(math.log(3), abs=1e-12)
     loss.sum().backward()
     assert torch.isfinite(padded.grad).all() and padded.grad[0, 1] == 0 and padded.grad[0, 4] == 0
@@ -377,8 +378,8 @@ def test_plackett_luce_hand_value_and_mask():
 def test_first_place_probabilities():
     """exp(r) normalised: (log 3, log 2, 0) -> (1/2, 1/3, 1/6); masking the middle -> (3/4, 0, 1/4)."""
     r = t(math.log(3), math.log(2), 0.0)
-    assert L.first_place_probabilities(r).tolist() == pytest.approx([1 / 2, 1 / 3, 1 / 6])
-    masked = L.first_place_probabilities(r, mask=torch.tensor([True, False, True]))
+    assert R.first_place_probabilities(r).tolist() == pytest.approx([1 / 2, 1 / 3, 1 / 6])
+    masked = R.first_place_probabilities(r, mask=torch.tensor([True, False, True]))
     assert masked.tolist() == pytest.approx([3 / 4, 0.0, 1 / 4])
 
 

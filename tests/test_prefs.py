@@ -14,15 +14,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from preftune.core.bt_fit import fit_bradley_terry, read_comparisons
+from preftune.core.bt_fit import fit_bradley_terry
 from preftune.core.prefs import (
     aggregate,
     bradley_terry_table,
     plackett_luce,
     plackett_luce_top_k,
-    read_ratings,
     sigmoid,
 )
+from preftune.data.comparisons import read_comparisons
+from preftune.data.ratings import read_ratings
 from preftune.errors import PreftuneError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -176,7 +177,7 @@ def test_plackett_luce_top_k():
 
 def test_plackett_luce_agrees_with_torch_losses():
     """prefs (math) and preftune.core.losses (torch) implement the same formula independently."""
-    losses = pytest.importorskip("preftune.core.losses")
+    losses = pytest.importorskip("preftune.core.reward_losses")
     import torch
 
     rng = np.random.default_rng(3)
@@ -331,7 +332,7 @@ def _expect_error(tmp_path, name, text, reader, *, line, field, match):
         ("r.json", '{"g1": {"y1": 1, "y2": "high"}}', 1, "y2", "'high' for group 'g1' is not a number"),
         ("r.json", '{\n "g1": {"y1": 1, "y2": 2},\n "g2": {"y1": 1, "y3": 2}\n}', 3, "g2", "same responses"),
         ("r.json", '{\n "g1": {"y1": 1, "y2": 2},\n "g1": {"y1": 2, "y2": 1}\n}', 3, "g1", "duplicate name 'g1'"),
-        ("r.json", '{\n "g1": {"y1": 1, "y2": 2,\n}', 3, None, "invalid JSON"),
+        ("r.json", '{\n "g1": {"y1": 1, "y2": 2,\n}', 3, None, "malformed JSON"),
         ("r.json", "  ", 1, None, "empty"),
         ("r.json", '{\n "g1": {"y1": true, "y2": 2}\n}', 2, "y1", "not a number"),
         ("r.json", '{"responses": ["y1", "y2"], "ratings": {"g1": [1, 2, 3]}}', 1, "g1", "list of 2"),
@@ -351,8 +352,8 @@ def test_ratings_errors_name_file_line_field(tmp_path, name, text, line, field, 
         ("c.csv", "", 1, None, "empty"),
         ("c.csv", "a,b,winner\n\n", 1, None, "no comparisons"),
         ("c.jsonl", '{"a": "x", "b": "y", "winner": "x"}\n{"a": "x", "b": "y"}\n', 2, "winner", "missing 'winner'"),
-        ("c.jsonl", '{"a": "x", "b": "y", "winner": "x"}\n\n{"a": "x", "b": \n', 3, None, "invalid JSON"),
-        ("c.jsonl", '["x", "y", "x"]\n', 1, None, "expected an object"),
+        ("c.jsonl", '{"a": "x", "b": "y", "winner": "x"}\n\n{"a": "x", "b": \n', 3, None, "malformed JSON"),
+        ("c.jsonl", '["x", "y", "x"]\n', 1, None, "expected a JSON object"),
     ],
 )
 def test_comparisons_errors_name_file_line_field(tmp_path, name, text, line, field, match):

@@ -20,11 +20,9 @@ rejects empty text, so such a row would stop `preftune train` on the exported fi
 
 from __future__ import annotations
 
-import json
 from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from preftune.data.annotations import Label
@@ -88,13 +86,3 @@ def preference_rows(labels: Sequence[Label], *, ties: str = "drop", min_agreemen
     counts["rows"] = len(rows)
     counts["tie_rows"] = len(tie_rows)
     return ExportResult(rows=rows, tie_rows=tie_rows, counts=dict(counts))
-
-
-def write_jsonl(rows: Sequence[dict[str, Any]], path: str | Path) -> None:
-    """Write one JSON object per line (UTF-8, not ASCII-escaped)."""
-    path = Path(path)
-    if not path.parent.exists():
-        raise PreftuneError("the output folder does not exist", path=str(path))
-    with path.open("w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")

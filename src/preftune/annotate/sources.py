@@ -17,13 +17,13 @@ Two sources:
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from itertools import combinations
 from pathlib import Path
 from typing import Any
 
 from preftune.data.annotations import Pair, content_id
+from preftune.data.jsonl import read_jsonl
 from preftune.errors import PreftuneError
 
 
@@ -34,25 +34,8 @@ class LoadResult:
 
 
 def _read_jsonl(path: Path) -> list[tuple[int, dict[str, Any]]]:
-    """(line number, object) for each non-empty line; clear errors for unreadable files and bad JSON."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise PreftuneError("file not found", path=str(path)) from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise PreftuneError(f"cannot read the file: {exc}", path=str(path)) from None
-    rows = []
-    for n, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise PreftuneError(f"malformed JSON at column {exc.colno}: {exc.msg}", path=str(path), line=n,
-                                hint="each line must be one JSON object") from None
-        if not isinstance(obj, dict):
-            raise PreftuneError(f"expected a JSON object, got {type(obj).__name__}", path=str(path), line=n)
-        rows.append((n, obj))
+    """(line number, object) for each non-empty line; a file without rows is an error."""
+    rows = read_jsonl(path)
     if not rows:
         raise PreftuneError("the file holds no rows", path=str(path))
     return rows

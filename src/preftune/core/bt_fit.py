@@ -7,13 +7,9 @@ of ``preftune compare`` use it. Only the standard library and numpy are imported
 
 from __future__ import annotations
 
-import csv
-import io
-import json
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from preftune.core.prefs import TIE, sigmoid
@@ -84,7 +80,7 @@ def fit_bradley_terry(comparisons: Iterable[tuple[str, str, str]], *, n_bootstra
     index: dict[str, int] = {}
     ai, bi, score = [], [], []
     for k, (a, b, winner) in enumerate(comparisons):
-        _check_comparison(a, b, winner, where=f"comparison {k}")
+        check_comparison(a, b, winner, where=f"comparison {k}")
         ai.append(index.setdefault(a, len(index)))
         bi.append(index.setdefault(b, len(index)))
         score.append(1.0 if winner == a else 0.0 if winner == b else 0.5)
@@ -158,8 +154,9 @@ def _newton_bt(wins: Any, *, prior: float, start: Any = None, tol: float = 1e-10
     return theta
 
 
-def _check_comparison(a: Any, b: Any, winner: Any, *, where: str, path: str | None = None,
-                      line: int | None = None) -> None:
+def check_comparison(a: Any, b: Any, winner: Any, *, where: str, path: str | None = None,
+                     line: int | None = None) -> None:
+    """Names of two different players and a winner that is one of them or ``tie``; errors say where."""
     loc = {"path": path, "line": line}
     for name, value in (("a", a), ("b", b), ("winner", winner)):
         if not isinstance(value, str) or not value.strip():
@@ -171,48 +168,3 @@ def _check_comparison(a: Any, b: Any, winner: Any, *, where: str, path: str | No
     if winner not in (a, b, TIE):
         raise PreftuneError(f"{where}: winner '{winner}' is neither a ('{a}'), b ('{b}') nor '{TIE}'",
                             field="winner", hint="write the winner's name, or 'tie'", **loc)
-
-
-def read_comparisons(path: str | Path) -> list[tuple[str, str, str]]:
-    """Read ``a,b,winner`` comparisons from CSV (with a header; extra columns ignored) or JSONL."""
-    path = Path(path)
-    if not path.exists():
-        raise PreftuneError("file not found", path=str(path), hint="check the path to the comparisons file")
-    text = path.read_text(encoding="utf-8-sig")
-    if not text.strip():
-        raise PreftuneError("the file is empty", path=str(path), line=1,
-                            hint="write a header 'a,b,winner' and one comparison per row")
-    rows: list[tuple[int, dict[str, Any]]] = []
-    if path.suffix.lower() in (".jsonl", ".json"):
-        for line, raw in enumerate(text.splitlines(), start=1):
-            if raw.strip():
-                try:
-                    obj = json.loads(raw)
-                except json.JSONDecodeError as exc:
-                    raise PreftuneError(f"invalid JSON: {exc.msg}", path=str(path), line=line) from None
-                if not isinstance(obj, dict):
-                    raise PreftuneError("expected an object with keys a, b, winner", path=str(path), line=line)
-                rows.append((line, obj))
-    else:
-        reader = csv.DictReader(io.StringIO(text))
-        header = [h.strip() for h in reader.fieldnames or []]
-        for key in ("a", "b", "winner"):
-            if key not in header:
-                raise PreftuneError(f"missing column '{key}' in the header {header}", path=str(path), line=1,
-                                    field=key, hint="the first row must be a header such as 'a,b,winner'")
-        reader.fieldnames = header
-        for row in reader:
-            if any((v or "").strip() for v in row.values() if isinstance(v, str)):
-                rows.append((reader.line_num, row))
-    out = []
-    for line, row in rows:
-        for key in ("a", "b", "winner"):
-            if row.get(key) is None:
-                raise PreftuneError(f"missing '{key}'", path=str(path), line=line, field=key)
-        a, b, w = (row[k].strip() if isinstance(row[k], str) else row[k] for k in ("a", "b", "winner"))
-        w = TIE if isinstance(w, str) and w.lower() == TIE and w not in (a, b) else w
-        _check_comparison(a, b, w, where="comparison", path=str(path), line=line)
-        out.append((a, b, w))
-    if not out:
-        raise PreftuneError("no comparisons in the file", path=str(path), line=1)
-    return out

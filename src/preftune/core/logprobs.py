@@ -14,12 +14,18 @@ so autograd keeps only the logits (which already exist) and the (B*T,) fp32 ``ls
 memory is one chunk in fp32. :func:`token_logps_from_hidden` goes one step further and never builds the
 logits at all: the lm_head projection ``z = h W^T (+ b)`` is done per chunk and recomputed in backward.
 
+From a batch: :func:`model_label_logps` (per token) and :func:`batch_logps` (per sequence) are the one
+path the trainers take; their ``fused`` option (the ``fused_lm_head`` key of ``train sft`` and
+``train dpo``) applies :func:`token_logps_from_hidden` to the final hidden states instead of
+:func:`token_logps` to the logits.
+
 Shapes: ``B`` batch, ``T`` time (sequence length), ``V`` vocabulary, ``H`` hidden size. Labels use the
 Hugging Face convention: ``-100`` marks a position to ignore, whose log-prob is reported as 0.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -30,13 +36,15 @@ IGNORE_INDEX = -100
 __all__ = [
     "IGNORE_INDEX",
     "auto_chunk_size",
-    "causal_lm_token_logps",
+    "fused_lm_head_applies",
     "lm_head_parts",
     "sequence_logps",
     "next_token_labels",
     "position_ids_from_mask",
     "forward_logits",
+    "forward_hidden",
     "label_logps",
+    "model_label_logps",
     "batch_logps",
     "token_logps",
     "token_logps_from_hidden",
@@ -49,15 +57,21 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 CPU_CHUNK_ELEMENTS = 2**20   # fp32 values per chunk on CPU (4 MiB: stays in cache; measured ~2x faster)
+CPU_FUSED_MIN_ROWS = 128     # fused lm_head on CPU: enough rows per chunk to reuse each weight read
 ACCELERATOR_CHUNK_ROWS = 4096  # rows per chunk on GPUs, where fewer, larger kernels win
 
 
-def auto_chunk_size(vocab: int, device: torch.device | str) -> int:
+def auto_chunk_size(vocab: int, device: torch.device | str, *, fused: bool = False) -> int:
     """Rows per chunk when none is given: on CPU ``max(1, 2**20 // V)`` (one chunk is 4 MiB of fp32,
     which keeps the logsumexp / softmax passes in cache: at V = 8192 this measured ~2x faster forward +
-    backward than 4096-row chunks on a 2-core CPU); elsewhere 4096 rows."""
+    backward than 4096-row chunks on a 2-core CPU); elsewhere 4096 rows.
+
+    ``fused`` (:func:`token_logps_from_hidden`): on CPU at least 128 rows, since each chunk's lm_head
+    matmul reads the whole [V, H] weight: at V = 151,936, H = 256 the 6 rows of the rule above made the
+    fused forward + backward ~4x slower than 128 rows (128 and 256 measured alike; 256 slower at V = 32k)."""
     if torch.device(device).type == "cpu":
-        return max(1, CPU_CHUNK_ELEMENTS // max(1, vocab))
+        rows = max(1, CPU_CHUNK_ELEMENTS // max(1, vocab))
+        return max(rows, CPU_FUSED_MIN_ROWS) if fused else rows
     return ACCELERATOR_CHUNK_ROWS
 
 
@@ -138,30 +152,37 @@ def token_logps(logits: Tensor, labels: Tensor, *, chunk_size: int | None = None
 
 
 class _ChunkedHeadLogps(torch.autograd.Function):
-    """log softmax(cap * tanh((h W^T + b) / cap))[y] per row of [N, H] hidden states, chunk by chunk."""
+    """log softmax(cap * tanh((h W^T + b) / cap))[y] per row of [N, H] hidden states, chunk by chunk;
+    also, not differentiable, whether y is the arg-max of the row (SFT's token accuracy without logits)."""
 
     @staticmethod
     def forward(ctx: Any, hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor,
-                chunk_size: int, softcap: float | None) -> Tensor:
+                chunk_size: int, softcap: float | None, want_hits: bool) -> tuple[Tensor, Tensor | None]:
         n = hidden.shape[0]
         cdtype = _compute_dtype(hidden.dtype)
         valid = labels != IGNORE_INDEX
         safe = labels.masked_fill(~valid, 0).unsqueeze(-1)
         out = torch.zeros(n, dtype=cdtype, device=hidden.device)
         lse = torch.zeros(n, dtype=cdtype, device=hidden.device)
+        hits = torch.zeros(n, dtype=torch.bool, device=hidden.device) if want_hits else None
         for s in range(0, n, chunk_size):
             e = s + chunk_size
             z = _project(hidden[s:e], weight, bias, softcap, cdtype)
             lse[s:e] = torch.logsumexp(z, dim=-1)
             out[s:e] = z.gather(-1, safe[s:e]).squeeze(-1) - lse[s:e]
+            if hits is not None:  # an extra pass over the chunk: only when asked
+                hits[s:e] = z.argmax(-1) == safe[s:e, 0]
         out.masked_fill_(~valid, 0.0)
+        if hits is not None:
+            hits &= valid
+            ctx.mark_non_differentiable(hits)
         ctx.save_for_backward(hidden, weight, bias, labels, lse)
         ctx.chunk_size, ctx.softcap = chunk_size, softcap
         ctx.mm_dtype = _autocast_dtype(hidden.device.type) or weight.dtype  # backward recomputes alike
-        return out
+        return out, hits
 
     @staticmethod
-    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
+    def backward(ctx: Any, grad_out: Tensor, _grad_hits: Tensor | None) -> tuple[Tensor | None, ...]:
         hidden, weight, bias, labels, lse = ctx.saved_tensors
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         softcap, chunk_size = ctx.softcap, ctx.chunk_size
@@ -198,7 +219,7 @@ class _ChunkedHeadLogps(torch.autograd.Function):
             if need_b:
                 grad_b.add_(d.sum(0))
         return (grad_h, None if grad_w is None else grad_w.to(weight.dtype),
-                None if grad_b is None else grad_b.to(bias.dtype), None, None, None)
+                None if grad_b is None else grad_b.to(bias.dtype), None, None, None, None)
 
 
 def _autocast_dtype(device_type: str) -> torch.dtype | None:
@@ -225,7 +246,7 @@ def _project(h: Tensor, weight: Tensor, bias: Tensor | None, softcap: float | No
 
 def token_logps_from_hidden(hidden: Tensor, lm_head_weight: Tensor, labels: Tensor, *,
                             lm_head_bias: Tensor | None = None, softcap: float | None = None,
-                            chunk_size: int | None = None) -> Tensor:
+                            chunk_size: int | None = None, hits: bool = False) -> tuple[Tensor, Tensor | None]:
     """Like :func:`token_logps` of ``logits = hidden @ W^T + b`` but without ever building [B, T, V].
 
     The projection is done per chunk of ``chunk_size`` rows and recomputed in backward (one extra
@@ -236,22 +257,26 @@ def token_logps_from_hidden(hidden: Tensor, lm_head_weight: Tensor, labels: Tens
         hidden: [B, T, H] final hidden states (after the last norm), any float dtype.
         lm_head_weight: [V, H] output projection (possibly tied to the input embedding).
         labels: [B, T] long aligned with ``hidden``; ``-100`` = ignore.
+        chunk_size: rows per chunk; ``None``: :func:`auto_chunk_size` with ``fused=True``.
+        hits: also report, per position, whether the label is the arg-max of its logits.
 
     Returns:
-        [B, T] float32 (float64 for float64 inputs), 0 at ignored positions; differentiable w.r.t.
-        ``hidden``, ``lm_head_weight`` and ``lm_head_bias``.
+        ``(logps, hits)``: ``logps`` [B, T] float32 (float64 for float64 inputs), 0 at ignored positions,
+        differentiable w.r.t. ``hidden``, ``lm_head_weight`` and ``lm_head_bias``; ``hits`` [B, T] bool,
+        not differentiable, what ``logits.argmax(-1) == labels`` gives on the full logits (False where
+        ignored), or ``None`` unless asked for.
     """
     _check_shapes(hidden, labels, "hidden")
     if lm_head_weight.dim() != 2 or lm_head_weight.shape[1] != hidden.shape[-1]:
         raise ValueError(f"lm_head_weight must be [V, H={hidden.shape[-1]}], got {tuple(lm_head_weight.shape)}")
     if chunk_size is None:
-        chunk_size = auto_chunk_size(lm_head_weight.shape[0], hidden.device)
+        chunk_size = auto_chunk_size(lm_head_weight.shape[0], hidden.device, fused=True)
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     b, t, h = hidden.shape
-    flat = _ChunkedHeadLogps.apply(hidden.reshape(b * t, h), lm_head_weight, lm_head_bias,
-                                   labels.reshape(b * t).long(), chunk_size, softcap)
-    return flat.view(b, t)
+    flat, is_max = _ChunkedHeadLogps.apply(hidden.reshape(b * t, h), lm_head_weight, lm_head_bias,
+                                           labels.reshape(b * t).long(), chunk_size, softcap, hits)
+    return flat.view(b, t), (None if is_max is None else is_max.view(b, t))
 
 
 def next_token_labels(labels: Tensor) -> Tensor:
@@ -312,6 +337,20 @@ def forward_logits(model: Any, batch: dict[str, Tensor]) -> Tensor:
                  use_cache=False).logits
 
 
+def forward_hidden(model: Any, batch: dict[str, Tensor]) -> Tensor:
+    """The [B, T, H] final hidden states (after the last norm: what the lm_head multiplies) of a causal LM
+    on ``batch``, positions from the mask, as :func:`forward_logits` calls the model.
+
+    The model is asked for its last hidden state (``output_hidden_states=[-1]``; transformers versions
+    that take only a flag return them all) and for the logits of one position only
+    (``logits_to_keep=1``), so it never builds [B, T, V]. Calling the model as a whole keeps DDP's
+    gradient hooks and peft's adapters working."""
+    mask = batch["attention_mask"]
+    out = model(input_ids=batch["input_ids"], attention_mask=mask, position_ids=position_ids_from_mask(mask),
+                use_cache=False, output_hidden_states=[-1], logits_to_keep=1)
+    return out.hidden_states[-1]
+
+
 def label_logps(logits: Tensor, labels: Tensor, *, temperature: float = 1.0,
                 chunk_size: int | None = None) -> Tensor:
     """[B, T] log-probs of the labelled tokens under ``softmax(logits / temperature)``, each at the
@@ -322,13 +361,40 @@ def label_logps(logits: Tensor, labels: Tensor, *, temperature: float = 1.0,
     return token_logps(logits, next_token_labels(labels), chunk_size=chunk_size)
 
 
-def batch_logps(model: Any, batch: dict[str, Tensor], *, temperature: float = 1.0,
+def model_label_logps(model: Any, batch: dict[str, Tensor], *, fused: bool = False, hits: bool = False,
+                      chunk_size: int | None = None) -> tuple[Tensor, Tensor | None]:
+    """[B, T] log-probs under ``model`` of a batch's labelled tokens (``input_ids``, ``attention_mask``,
+    ``labels``), each at the position that predicts it, 0 where nothing is scored; and, with
+    ``hits=True``, a [B, T] bool saying whether each labelled token is the model's arg-max there (False
+    where nothing is scored; ``None`` without ``hits``).
+
+    ``fused=False``: :func:`forward_logits`, then :func:`label_logps` (and ``logits.argmax``).
+    ``fused=True`` (the ``fused_lm_head`` key): :func:`forward_hidden`, then the lm_head applied chunk by
+    chunk in :func:`token_logps_from_hidden`, so neither the [B, T, V] logits nor their gradient is ever
+    held; the values equal the unfused ones to the rounding of the matmul. Falls back to ``fused=False``
+    when :func:`lm_head_parts` says the head cannot be fused.
+    """
+    labels = batch["labels"]
+    parts = lm_head_parts(model) if fused else None
+    if parts is None:
+        logits = forward_logits(model, batch)
+        logps = label_logps(logits, labels, chunk_size=chunk_size)
+        if not hits:
+            return logps, None
+        targets = next_token_labels(labels)
+        return logps, (logits.detach().argmax(-1) == targets) & (targets != IGNORE_INDEX)
+    weight, bias, softcap = parts
+    return token_logps_from_hidden(forward_hidden(model, batch), weight, next_token_labels(labels),
+                                   lm_head_bias=bias, softcap=softcap, chunk_size=chunk_size, hits=hits)
+
+
+def batch_logps(model: Any, batch: dict[str, Tensor], *, fused: bool = False,
                 chunk_size: int | None = None) -> tuple[Tensor, Tensor]:
     """Summed log-probs [B] of each row's labelled tokens and their counts [B]: the one way from a batch
     (``input_ids``, ``attention_mask``, ``labels``) to ``log pi(y|x) = sum_t log pi(y_t | x, y_<t)``
-    (Rafailov et al. 2023, Eq. 7). Left and right padding give the same values."""
-    per_token = label_logps(forward_logits(model, batch), batch["labels"], temperature=temperature,
-                            chunk_size=chunk_size)
+    (Rafailov et al. 2023, Eq. 7). Left and right padding give the same values. ``fused``: see
+    :func:`model_label_logps`."""
+    per_token, _ = model_label_logps(model, batch, fused=fused, chunk_size=chunk_size)
     counts = (batch["labels"][:, 1:] != IGNORE_INDEX).sum(-1).to(per_token.dtype)
     return per_token.sum(-1), counts
 
@@ -339,9 +405,10 @@ def batch_logps(model: Any, batch: dict[str, Tensor], *, temperature: float = 1.
 def lm_head_parts(model: torch.nn.Module) -> tuple[Tensor, Tensor | None, float | None] | None:
     """``(weight, bias, softcap)`` of a Hugging Face causal LM's output head if the fused path applies.
 
-    Returns ``None`` (use the full logits instead) when the head is not a plain ``nn.Linear`` (for
-    example a LoRA-wrapped lm_head), when the parameters are sharded (FSDP), or when the model scales
-    its logits in a way not reproduced here (``logit_scale``).
+    Returns ``None`` (use the full logits instead) when the head is not a plain ``nn.Linear`` (a head
+    that LoRA adapts, or that peft's ``modules_to_save`` wraps; LoRA on the other layers leaves it a
+    plain, frozen ``nn.Linear``), when the parameters are sharded (FSDP), or when the model scales its
+    logits in a way not reproduced here (``logit_scale``).
     """
     inner = model
     while hasattr(inner, "module") and isinstance(inner.module, torch.nn.Module):  # DDP / accelerate wrappers
@@ -362,24 +429,14 @@ def lm_head_parts(model: torch.nn.Module) -> tuple[Tensor, Tensor | None, float 
     return head.weight, head.bias, (float(softcap) if softcap else None)
 
 
-def causal_lm_token_logps(model: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor,
-                          labels: Tensor, *, chunk_size: int | None = None, fused: bool = False) -> Tensor:
-    """[B, T] log-probs of ``labels`` under a Hugging Face causal LM, the way preference methods need them.
-
-    ``fused=False``: one forward to the model's logits (its own dtype, no fp32 copy), then
-    :func:`token_logps`. ``fused=True``: the model is called with ``output_hidden_states=True`` and
-    ``logits_to_keep=1`` (so it computes logits for one position only; going through the model's own
-    ``forward`` keeps DDP's gradient hooks working) and the lm_head is applied chunk by chunk with
-    :func:`token_logps_from_hidden`; falls back to ``fused=False`` when :func:`lm_head_parts` says the
-    head cannot be fused. Fused saves the [B, T, V] logits and their gradient at the cost of one extra
-    lm_head matmul in backward: worth it when V is large relative to the model.
-    """
-    parts = lm_head_parts(model) if fused else None
-    if parts is not None:
-        out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
-                    output_hidden_states=True, logits_to_keep=1)
-        weight, bias, softcap = parts
-        return token_logps_from_hidden(out.hidden_states[-1], weight, labels, lm_head_bias=bias,
-                                       softcap=softcap, chunk_size=chunk_size)
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-    return token_logps(logits, labels, chunk_size=chunk_size)
+def fused_lm_head_applies(model: torch.nn.Module, log: Callable[[str], None]) -> bool:
+    """Whether ``fused=True`` fuses ``model``'s lm_head (:func:`lm_head_parts`); when it does not, says
+    why through ``log``: training then computes the full logits, the same numbers without the saving."""
+    if lm_head_parts(model) is not None:
+        return True
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = type(get_head() if callable(get_head) else None)
+    log(f"fused_lm_head: the model's lm_head ({head.__module__}.{head.__qualname__}) cannot be fused: it "
+        "must be a plain torch.nn.Linear (no LoRA or modules_to_save on lm_head), unsharded, with no "
+        "logit_scale; computing the full logits instead")
+    return False

@@ -18,32 +18,16 @@ import difflib
 import inspect
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import NamedTuple
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [
-    "LOSSES",
-    "LossSpec",
-    "PreferenceLossOutput",
-    "bradley_terry_loss",
-    "cdpo_loss",
-    "dpo_gradient_weight",
-    "dpo_loss",
-    "first_place_probabilities",
-    "hinge_loss",
-    "ipo_loss",
-    "log1mexp",
-    "orpo_loss",
-    "pairwise_ranking_loss",
-    "plackett_luce_logprob",
-    "plackett_luce_loss",
-    "preference_loss",
-    "robust_dpo_loss",
-    "simpo_loss",
+    "LOSSES", "LossPart", "LossSpec", "PreferenceLossOutput", "cdpo_loss", "dpo_gradient_weight", "dpo_loss",
+    "hinge_loss", "ipo_loss", "log1mexp", "orpo_loss", "preference_loss", "robust_dpo_loss", "simpo_loss",
     "unlikelihood_loss",
 ]
 
@@ -253,6 +237,21 @@ def unlikelihood_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor
 # ------------------------------------------------------------------------------------------- registry
 
 
+class LossPart(NamedTuple):  # one quantity of a loss on one example: a row of `prefs loss`, a key of its JSON
+    key: str  # JSON key
+    label: str  # row label
+    value: float
+    formula: str  # how the value is computed
+    shown: bool = True  # False: JSON only
+
+
+# A parts function gets v: one example as floats (preference_loss's keyword names; lengths None when not given),
+# "loss", "reward_chosen", "reward_rejected"; and hp: every hyperparameter. Its rows follow the calculator's generic
+# ones (log-ratios and h, or m_w and m_l; r_w, r_l, margin): a row keyed like a generic one replaces it in place, and
+# a "loss" row gives the loss its formula (else the summary is shown).
+Parts = Callable[[dict[str, Any], dict[str, Any]], list[LossPart]]
+
+
 @dataclass(frozen=True)
 class LossSpec:
     fn: Callable[..., PreferenceLossOutput]
@@ -260,29 +259,113 @@ class LossSpec:
     hparams: dict[str, float]  # accepted keyword hyperparameters and their defaults
     summary: str  # one line for docs / CLI help
     takes_lengths: bool = False  # the function accepts chosen_lengths / rejected_lengths
+    title: str = ""  # display name, e.g. "SimPO"
+    hparam_help: dict[str, str] = field(default_factory=dict)  # one line per hyperparameter (CLI help)
+    parts: Parts | None = None  # the loss's own rows for `prefs loss`
 
 
-def _spec(fn: Callable[..., PreferenceLossOutput], *, needs_reference: bool, summary: str) -> LossSpec:
+def _spec(fn: Callable[..., PreferenceLossOutput], title: str, *, needs_reference: bool, summary: str,
+          parts: Parts | None = None, **hparam_help: str) -> LossSpec:
     params = inspect.signature(fn).parameters
     length_names = ("chosen_lengths", "rejected_lengths")
     hparams = {n: p.default for n, p in params.items() if p.kind is p.KEYWORD_ONLY and n not in length_names}
-    return LossSpec(fn=fn, needs_reference=needs_reference, hparams=hparams, summary=summary,
-                    takes_lengths="chosen_lengths" in params)
+    assert set(hparam_help) <= set(hparams), f"{title}: help for a hyperparameter {fn.__name__} does not take"
+    return LossSpec(fn=fn, needs_reference=needs_reference, hparams=hparams, summary=summary, title=title,
+                    takes_lengths="chosen_lengths" in params, hparam_help=hparam_help, parts=parts)
 
 
+def _nls(z: float) -> float:
+    return -F.logsigmoid(torch.tensor(z, dtype=torch.float64)).item()  # -log sigma(z)
+
+
+def _h(v: dict[str, Any], per_token: bool = False) -> float:  # per_token: each log-ratio / its token count
+    n_w, n_l = (v["chosen_lengths"], v["rejected_lengths"]) if per_token else (1, 1)
+    w, lo = v["policy_chosen_logps"] - v["ref_chosen_logps"], v["policy_rejected_logps"] - v["ref_rejected_logps"]
+    return w / n_w - lo / n_l
+
+
+def _loss(v: dict[str, Any], formula: str) -> LossPart:
+    return LossPart("loss", "loss", v["loss"], formula)
+
+
+def _dpo_parts(v: dict[str, Any], hp: dict[str, Any]) -> list[LossPart]:
+    weight = dpo_gradient_weight(*torch.tensor([v["reward_chosen"], v["reward_rejected"]], dtype=torch.float64))
+    return [LossPart("gradient_weight", "gradient weight", weight.item(), "sigmoid(r_l - r_w)"),
+            _loss(v, "-log sigmoid(r_w - r_l)")]  # Rafailov et al. 2023, Eq. 7 and §4
+
+
+def _ipo_parts(v: dict[str, Any], hp: dict[str, Any]) -> list[LossPart]:
+    per_token = [LossPart("h", "h per token", _h(v, per_token=True), "each log-ratio / its token count"),
+                 LossPart("reward_chosen", "r_w", v["reward_chosen"], "beta * log pi/pi_ref (chosen) / |y_w|"),
+                 LossPart("reward_rejected", "r_l", v["reward_rejected"], "beta * log pi/pi_ref (rejected) / |y_l|")]
+    return [*(per_token if hp["length_normalize"] else []), LossPart("target", "target", 1.0 / (2.0 * hp["beta"]),
+            "1 / (2 beta)"), _loss(v, "(h - 1/(2 beta))^2")]  # Azar et al. 2023, Eq. 17
+
+
+def _flip_parts(v: dict[str, Any], hp: dict[str, Any], *, robust: bool = False) -> list[LossPart]:
+    z, e = hp["beta"] * _h(v), hp["label_smoothing"]
+    return [LossPart("dpo_term", "DPO term", _nls(z), "-log sigmoid(beta h)"),
+            LossPart("flipped_term", "flipped term", _nls(-z), "-log sigmoid(-beta h)"),
+            _loss(v, f"({1 - e:g} DPO term - {e:g} flipped) / {1 - 2 * e:g}" if robust  # Chowdhury et al. 2024
+                  else f"{1 - e:g} * DPO term + {e:g} * flipped")]  # Mitchell 2023, Eq. 3
+
+
+def _hinge_parts(v: dict[str, Any], hp: dict[str, Any]) -> list[LossPart]:
+    return [LossPart("slack", "1 - beta h", 1.0 - hp["beta"] * _h(v), "1 - margin"),
+            _loss(v, "max(0, 1 - beta h)")]  # SLiC-HF calibration hinge, delta = 1/beta
+
+
+def _orpo_parts(v: dict[str, Any], hp: dict[str, Any]) -> list[LossPart]:
+    m = torch.tensor([v["policy_chosen_logps"], v["policy_rejected_logps"]], dtype=torch.float64)
+    m = m / torch.tensor([v["chosen_lengths"], v["rejected_lengths"]], dtype=torch.float64)
+    odds_w, odds_l = (m - log1mexp(m)).tolist()  # Hong et al. 2024, Eq. 7
+    return [LossPart("log_odds_chosen", "log odds(y_w)", odds_w, "m_w - log(1 - exp(m_w))"),
+            LossPart("log_odds_rejected", "log odds(y_l)", odds_l, "m_l - log(1 - exp(m_l))"),
+            LossPart("log_odds_ratio", "log odds ratio", odds_w - odds_l, "log odds(y_w) - log odds(y_l)"),
+            LossPart("nll", "NLL (SFT term)", -m[0].item(), "-m_w"),
+            LossPart("odds_ratio_loss", "L_OR", _nls(odds_w - odds_l), "-log sigmoid(log odds ratio)"),
+            _loss(v, "NLL + beta * L_OR")]  # Hong et al. 2024, Eq. 6
+
+
+def _simpo_parts(v: dict[str, Any], hp: dict[str, Any]) -> list[LossPart]:
+    margin = v["reward_chosen"] - v["reward_rejected"] - hp["gamma"]
+    return [LossPart("margin_minus_gamma", "margin - gamma", margin, "r_w - r_l - gamma"),
+            _loss(v, "-log sigmoid(r_w - r_l - gamma)")]  # Meng et al. 2024, Eq. 6
+
+
+def _unlikelihood_parts(v: dict[str, Any], hp: dict[str, Any]) -> list[LossPart]:
+    log_not = log1mexp(torch.tensor(v["policy_rejected_logps"] / v["rejected_lengths"], dtype=torch.float64)).item()
+    return [LossPart("nll", "NLL (likelihood term)", -v["policy_chosen_logps"] / v["chosen_lengths"], "-m_w"),
+            LossPart("log_one_minus_p_rejected", "log(1 - exp(m_l))", log_not, "log(1 - per-token P(y_l))"),
+            LossPart("unlikelihood_term", "unlikelihood term", -hp["alpha"] * log_not, "-alpha log(1 - exp(m_l))"),
+            _loss(v, "NLL + unlikelihood term")]  # Welleck et al. 2019
+
+
+_KL, _EPS = "KL strength beta (> 0).", "eps: probability a label is flipped"
 LOSSES: dict[str, LossSpec] = {
-    "dpo": _spec(dpo_loss, needs_reference=True, summary="-log sigmoid(beta*h) (Rafailov et al. 2023, Eq. 7)"),
-    "ipo": _spec(ipo_loss, needs_reference=True, summary="(h - 1/(2 beta))^2 (Azar et al. 2023, Eq. 17)"),
-    "cdpo": _spec(cdpo_loss, needs_reference=True,
-                  summary="DPO with label smoothing eps (Mitchell 2023, Eq. 3)"),
-    "hinge": _spec(hinge_loss, needs_reference=True, summary="max(0, 1 - beta*h) (SLiC-HF, Zhao et al. 2023)"),
-    "robust": _spec(robust_dpo_loss, needs_reference=True,
+    "dpo": _spec(dpo_loss, "DPO", needs_reference=True, parts=_dpo_parts, beta=_KL,
+                 summary="-log sigmoid(beta*h) (Rafailov et al. 2023, Eq. 7)"),
+    "ipo": _spec(ipo_loss, "IPO", needs_reference=True, parts=_ipo_parts,
+                 beta="Regularisation beta (tau in the paper, > 0).",
+                 length_normalize="Use per-token log-ratios (TRL's IPO); then the token counts matter.",
+                 summary="(h - 1/(2 beta))^2 (Azar et al. 2023, Eq. 17)"),
+    "cdpo": _spec(cdpo_loss, "cDPO", needs_reference=True, parts=_flip_parts, beta=_KL,
+                  label_smoothing=f"{_EPS}, in [0, 1].", summary="DPO with label smoothing eps (Mitchell 2023, Eq. 3)"),
+    "hinge": _spec(hinge_loss, "Hinge", needs_reference=True, parts=_hinge_parts,
+                   beta="Scale beta (> 0); the margin on h is 1/beta.",
+                   summary="max(0, 1 - beta*h) (SLiC-HF, Zhao et al. 2023)"),
+    "robust": _spec(robust_dpo_loss, "Robust DPO", needs_reference=True,
+                    parts=lambda v, hp: _flip_parts(v, hp, robust=True), beta=_KL,
+                    label_smoothing=f"{_EPS}, in [0, 0.5).",
                     summary="unbiased DPO under label flips eps (Chowdhury et al. 2024)"),
-    "orpo": _spec(orpo_loss, needs_reference=False,
+    "orpo": _spec(orpo_loss, "ORPO", needs_reference=False, parts=_orpo_parts,
+                  beta="Weight lambda of the odds-ratio term (> 0).",
                   summary="SFT NLL + beta * odds-ratio loss (Hong et al. 2024, Eqs. 6-7)"),
-    "simpo": _spec(simpo_loss, needs_reference=False,
+    "simpo": _spec(simpo_loss, "SimPO", needs_reference=False, parts=_simpo_parts,
+                   beta="Reward scale beta (> 0).", gamma="Target reward margin gamma.",
                    summary="-log sigmoid(beta*(m_w - m_l) - gamma) (Meng et al. 2024, Eq. 6)"),
-    "unlikelihood": _spec(unlikelihood_loss, needs_reference=False,
+    "unlikelihood": _spec(unlikelihood_loss, "Unlikelihood", needs_reference=False, parts=_unlikelihood_parts,
+                          alpha="Weight alpha of the unlikelihood term (>= 0).",
                           summary="-m_w - alpha*log(1 - exp(m_l)) (Welleck et al. 2019)"),
 }
 
@@ -319,91 +402,6 @@ def preference_loss(name: str, *, policy_chosen_logps: Tensor, policy_rejected_l
         raise ValueError(f"loss '{name}' needs chosen_lengths and rejected_lengths (token counts of each "
                          "response) to form mean per-token log-probs")
     return spec.fn(policy_chosen_logps, policy_rejected_logps, chosen_lengths, rejected_lengths, **hparams)
-
-
-# ------------------------------------------------------------------------------- reward-model losses
-
-
-def bradley_terry_loss(chosen_rewards: Tensor, rejected_rewards: Tensor, *,
-                       margin: Tensor | float | None = None) -> Tensor:
-    """Reward-model loss ``-log sigma(r_w - r_l - m)``, per example ``(B,)``.
-
-    Bradley-Terry negative log-likelihood: Stiennon et al. 2020 (reward-model loss) and Ouyang et al.
-    2022, Eq. 1 (for one pair). The optional ``margin`` m is Llama 2's (Touvron et al. 2023, Eq. 2): a
-    larger required gap for pairs annotated as clearly better.
-    """
-    diff = chosen_rewards - rejected_rewards
-    if margin is not None:
-        diff = diff - margin  # Touvron et al. 2023, Eq. 2
-    return -F.logsigmoid(diff)  # Ouyang et al. 2022, Eq. 1
-
-
-def _rank_mask(rewards: Tensor, mask: Tensor | None, *, need: int) -> Tensor:
-    if rewards.dim() != 2:
-        raise ValueError(f"rewards must have shape (B, K), got {tuple(rewards.shape)}")
-    if mask is None:
-        mask = torch.ones_like(rewards, dtype=torch.bool)
-    mask = mask.to(device=rewards.device, dtype=torch.bool)
-    if mask.shape != rewards.shape:
-        raise ValueError(f"mask shape {tuple(mask.shape)} differs from rewards shape {tuple(rewards.shape)}")
-    counts = mask.sum(dim=1)
-    if bool((counts < need).any()):
-        bad = int(torch.nonzero(counts < need)[0])
-        raise ValueError(f"row {bad} has {int(counts[bad])} valid responses; at least {need} are needed")
-    return mask
-
-
-def pairwise_ranking_loss(rewards: Tensor, *, mask: Tensor | None = None) -> Tensor:
-    """InstructGPT ranking loss: mean over the ``C(K, 2)`` pairs ``i < j`` of ``-log sigma(r_i - r_j)``.
-
-    Ouyang et al. 2022, Eq. 1, with the ``1/C(K,2)`` factor and all pairs of one prompt in one batch
-    element. ``rewards`` is ``(B, K)`` ordered best-first; ``mask`` ``(B, K)`` marks valid responses
-    (K may vary per prompt; masked entries may hold any value, even inf/nan). Returns ``(B,)``.
-    """
-    mask = _rank_mask(rewards, mask, need=2)
-    safe = torch.where(mask, rewards, torch.zeros_like(rewards))
-    diff = safe[:, :, None] - safe[:, None, :]  # diff[b, i, j] = r_i - r_j
-    k = rewards.shape[1]
-    upper = torch.ones(k, k, dtype=torch.bool, device=rewards.device).triu(diagonal=1)
-    pairs = upper & mask[:, :, None] & mask[:, None, :]
-    nll = torch.where(pairs, -F.logsigmoid(diff), torch.zeros_like(diff))
-    return nll.sum(dim=(1, 2)) / pairs.sum(dim=(1, 2)).to(rewards.dtype)  # Ouyang et al. 2022, Eq. 1
-
-
-def plackett_luce_logprob(rewards_in_rank_order: Tensor, *, mask: Tensor | None = None) -> Tensor:
-    """``log P_PL(ranking) = sum_k [r_k - log sum_{j >= k} exp(r_j)]`` over valid positions, ``(B,)``.
-
-    The Plackett-Luce model (Plackett 1975, "The Analysis of Permutations"; Luce 1959, "Individual
-    Choice Behavior"): pick the best with softmax probability, remove it, repeat. Used for rankings in
-    Rafailov et al. 2023, App. A.3. ``rewards_in_rank_order`` is ``(B, K)`` best-first (a ``(K,)``
-    tensor is treated as one row); for K = 2 this is ``log sigma(r_1 - r_2)`` (Bradley-Terry).
-    """
-    squeeze = rewards_in_rank_order.dim() == 1
-    r = rewards_in_rank_order.unsqueeze(0) if squeeze else rewards_in_rank_order
-    mask = _rank_mask(r, None if mask is None else (mask.unsqueeze(0) if squeeze else mask), need=1)
-    # Masked entries get a finite value far below every valid one: exp(fill - max) underflows to exactly 0,
-    # so they drop out of the suffix log-sum-exp without producing inf/nan gradients.
-    low = torch.where(mask, r, torch.full_like(r, math.inf)).amin(dim=1, keepdim=True).detach()
-    filled = torch.where(mask, r, low - 1.0e4)
-    suffix_lse = torch.logcumsumexp(filled.flip(1), dim=1).flip(1)  # log sum_{j>=k} exp(r_j)
-    terms = torch.where(mask, filled - suffix_lse, torch.zeros_like(r))
-    out = terms.sum(dim=1)
-    return out.squeeze(0) if squeeze else out
-
-
-def plackett_luce_loss(rewards: Tensor, *, mask: Tensor | None = None) -> Tensor:
-    """Negative Plackett-Luce log-likelihood of the best-first ranking, ``-log P_PL``, shape ``(B,)``."""
-    return -plackett_luce_logprob(rewards, mask=mask)
-
-
-def first_place_probabilities(rewards: Tensor, *, mask: Tensor | None = None) -> Tensor:
-    """``P(y_i ranked first) = exp(r_i) / sum_j exp(r_j)`` over valid responses (the first Plackett-Luce
-    factor; the Luce choice rule). Shape as ``rewards``; masked entries get probability 0."""
-    if mask is None:
-        return torch.softmax(rewards, dim=-1)
-    mask = mask.to(device=rewards.device, dtype=torch.bool)
-    filled = torch.where(mask, rewards, torch.full_like(rewards, -math.inf))
-    return torch.softmax(filled, dim=-1)
 
 
 def dpo_gradient_weight(chosen_rewards: Tensor, rejected_rewards: Tensor) -> Tensor:

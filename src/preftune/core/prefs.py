@@ -13,15 +13,10 @@ Only the standard library and numpy are imported, so this module loads fast.
 
 from __future__ import annotations
 
-import csv
-import io
-import json
 import math
-import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import combinations
-from pathlib import Path
 from typing import Any
 
 from preftune.errors import PreftuneError
@@ -59,115 +54,22 @@ def as_ratings(ratings: Ratings | Mapping[str, Mapping[str, float]]) -> Ratings:
     """Accept a ``Ratings`` or a plain ``{group: {response: rating}}`` mapping (checked)."""
     if isinstance(ratings, Ratings):
         return ratings
-    return _ratings_from_mapping(ratings, path=None, text=None)
+    return ratings_from_mapping(ratings)
 
 
-def read_ratings(path: str | Path) -> Ratings:
-    """Read a ratings table from CSV (``group,y1,y2,...``) or JSON (``{"group": {"y1": 1.0}}``)."""
-    path = Path(path)
-    if not path.exists():
-        raise PreftuneError("file not found", path=str(path), hint="check the path to the ratings file")
-    text = path.read_text(encoding="utf-8-sig")
-    looks_json = path.suffix.lower() == ".json" or text.lstrip().startswith("{")
-    return parse_ratings_json(text, path=str(path)) if looks_json else parse_ratings_csv(text, path=str(path))
-
-
-def parse_ratings_csv(text: str, *, path: str = "<ratings>") -> Ratings:
-    """Parse ``group,<response>,...`` with one row per group; every error names file, line, field."""
-    if not text.strip():
-        raise PreftuneError("the file is empty", path=path, line=1,
-                            hint="write a header 'group,y1,y2,...' and one row of ratings per group")
-    reader = csv.reader(io.StringIO(text))
-    header: list[str] | None = None
-    values: dict[str, dict[str, float]] = {}
-    lines: dict[str, int] = {}
-    for row in reader:
-        line = reader.line_num
-        if not any(cell.strip() for cell in row):
-            continue
-        cells = [cell.strip() for cell in row]
-        if header is None:
-            header = _check_header(cells, path=path, line=line)
-            continue
-        if len(cells) != len(header):
-            raise PreftuneError(
-                f"row has {len(cells) - 1} ratings but the header names {len(header) - 1} responses",
-                path=path, line=line, field=header[0], hint="give every group one rating per response")
-        group = cells[0]
-        if not group:
-            raise PreftuneError("empty group name", path=path, line=line, field=header[0])
-        if group in values:
-            raise PreftuneError(f"duplicate group '{group}' (first on line {lines[group]})",
-                                path=path, line=line, field=header[0], hint="give each group one row")
-        values[group] = {resp: _number(cell, path=path, line=line, field=resp)
-                         for resp, cell in zip(header[1:], cells[1:], strict=True)}
-        lines[group] = line
-    if header is None or not values:
-        raise PreftuneError("no rating rows after the header", path=path, line=1,
-                            hint="add one row per group: name, then one rating per response")
-    return Ratings(tuple(header[1:]), values, path, lines)
-
-
-def _check_header(cells: list[str], *, path: str, line: int) -> list[str]:
-    if len(cells) < 3 or all(_is_number(c) for c in cells[1:]):
-        raise PreftuneError("missing header: expected 'group,<response>,<response>,...'", path=path,
-                            line=line, hint="the first row names the responses (at least two)")
-    seen: set[str] = set()
-    for cell in cells:
-        if not cell:
-            raise PreftuneError("empty column name in the header", path=path, line=line)
-        if cell in seen:
-            raise PreftuneError(f"duplicate response name '{cell}' in the header", path=path, line=line,
-                                field=cell, hint="give every response column a distinct name")
-        seen.add(cell)
-    return cells
-
-
-def parse_ratings_json(text: str, *, path: str = "<ratings>") -> Ratings:
-    """Parse ``{"group": {"response": rating}}`` (or the course file's ``{"responses", "ratings"}``)."""
-    if not text.strip():
-        raise PreftuneError("the file is empty", path=path, line=1,
-                            hint='write {"group": {"y1": 1, "y2": 0}, ...}')
-    try:
-        obj = json.loads(text, object_pairs_hook=lambda pairs: _no_duplicates(pairs, text, path))
-    except json.JSONDecodeError as exc:
-        raise PreftuneError(f"invalid JSON: {exc.msg}", path=path, line=exc.lineno) from None
-    if isinstance(obj, dict) and isinstance(obj.get("responses"), list) and isinstance(obj.get("ratings"), dict):
-        obj = _from_course_layout(obj, text=text, path=path)
-    if not isinstance(obj, dict) or not obj:
-        raise PreftuneError('expected a non-empty object {"group": {"response": rating}}', path=path, line=1)
-    return _ratings_from_mapping(obj, path=path, text=text)
-
-
-def _no_duplicates(pairs: list[tuple[str, Any]], text: str, path: str) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in out:
-            raise PreftuneError(f"duplicate name '{key}'", path=path, line=_json_line(text, key, last=True),
-                                field=key, hint="every group and every response must be named once")
-        out[key] = value
-    return out
-
-
-def _from_course_layout(obj: dict[str, Any], *, text: str, path: str) -> dict[str, Any]:
-    responses = obj["responses"]
-    out = {}
-    for group, row in obj["ratings"].items():
-        if not isinstance(row, list) or len(row) != len(responses):
-            raise PreftuneError(f"expected a list of {len(responses)} ratings", path=path,
-                                line=_json_line(text, group), field=group)
-        out[group] = dict(zip(responses, row, strict=True))
-    return out
-
-
-def _ratings_from_mapping(obj: Mapping[str, Any], *, path: str | None, text: str | None) -> Ratings:
+def ratings_from_mapping(obj: Mapping[str, Any], *, path: str | None = None,
+                         line_of: Callable[..., int | None] | None = None) -> Ratings:
+    """A checked ``Ratings`` from ``{group: {response: rating}}``: every group rates the same responses
+    (at least two), every rating is a finite number. ``path`` and ``line_of(key, after=None)`` (the line
+    of a key in the file the mapping came from) only serve error messages."""
+    line_of = line_of or (lambda key, after=None: None)
     responses: tuple[str, ...] | None = None
     values: dict[str, dict[str, float]] = {}
     lines: dict[str, int] = {}
     cell_lines: dict[tuple[str, str], int] = {}
     for group, row in obj.items():
         group = str(group)
-        line = _json_line(text, group)
+        line = line_of(group)
         if not isinstance(row, Mapping) or not row:
             raise PreftuneError("expected an object {response: rating}", path=path, line=line, field=group)
         row = {str(k): v for k, v in row.items()}
@@ -181,8 +83,8 @@ def _ratings_from_mapping(obj: Mapping[str, Any], *, path: str | None, text: str
                                 hint="every group must rate the same responses")
         values[group] = {}
         for r in responses:
-            cell = _json_line(text, r, after=group)
-            values[group][r] = _number(row[r], path=path, line=cell or line, field=r, group=group)
+            cell = line_of(r, after=group)
+            values[group][r] = rating_value(row[r], path=path, line=cell or line, field=r, group=group)
             if cell is not None:
                 cell_lines[group, r] = cell
         if line is not None:
@@ -192,29 +94,7 @@ def _ratings_from_mapping(obj: Mapping[str, Any], *, path: str | None, text: str
     return Ratings(responses, values, path, lines, cell_lines)
 
 
-def _json_line(text: str | None, key: str, *, last: bool = False, after: str | None = None) -> int | None:
-    """Line of the first (or last) ``"key":`` in a JSON text, searching after ``"after":`` if given."""
-    if text is None:
-        return None
-    start = 0
-    if after is not None:
-        found = re.search(re.escape(json.dumps(after)) + r"\s*:", text)
-        start = found.end() if found else 0
-    hits = list(re.compile(re.escape(json.dumps(key)) + r"\s*:").finditer(text, start))
-    if not hits:
-        return None
-    return text.count("\n", 0, hits[-1 if last else 0].start()) + 1
-
-
-def _is_number(cell: str) -> bool:
-    try:
-        float(cell)
-    except ValueError:
-        return False
-    return True
-
-
-def _number(value: Any, *, path: str | None, line: int | None, field: str, group: str | None = None) -> float:
+def rating_value(value: Any, *, path: str | None, line: int | None, field: str, group: str | None = None) -> float:
     where = f" for group '{group}'" if group else ""
     try:
         if isinstance(value, bool) or value is None:
