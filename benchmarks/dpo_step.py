@@ -15,15 +15,20 @@ Only real tokens are counted, not padding.
 
     python benchmarks/dpo_step.py --steps 10 --batch-size 8
     python benchmarks/dpo_step.py --dtype bf16 --steps 10
+    python benchmarks/dpo_step.py --fused-lm-head               # the fused_lm_head key
+    python benchmarks/dpo_step.py --compare-fused --repeats 3   # full logits vs fused, fresh process each
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import random
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -163,9 +168,61 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--matmul-size", type=int, default=2048, help="side of the square matmuls for the peak")
     ap.add_argument("--profile", type=Path, default=None, help="write a torch.profiler table to this file")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--fused-lm-head", action="store_true",
+                    help="the fused_lm_head key: lm_head applied chunk by chunk, no [B, T, V] logits")
+    ap.add_argument("--compare-fused", action="store_true",
+                    help="run full logits and --fused-lm-head alternately, each in a fresh process, "
+                    "--repeats times, and print the medians side by side")
+    ap.add_argument("--repeats", type=int, default=3, help="runs per variant with --compare-fused")
+    ap.add_argument("--json", type=Path, default=None, help="also write the summary figures to this file")
     args = ap.parse_args(argv)
 
-    run(args)
+    if args.compare_fused:
+        compare_fused(args, argv if argv is not None else sys.argv[1:])
+    else:
+        run(args)
+
+
+def compare_fused(args: argparse.Namespace, argv: list[str]) -> None:
+    """Full logits vs the fused lm_head with otherwise the same arguments. Each run is a fresh process
+    (so one variant's freed memory cannot hide the other's peak RSS); the variants alternate, so a
+    change in the machine's load falls on both; the table shows the median of each figure."""
+    from rich.console import Console
+    from rich.table import Table
+
+    skip = {"--compare-fused", "--fused-lm-head"}
+    base, it = [], iter(argv)
+    for a in it:
+        if a in ("--repeats", "--json"):
+            next(it, None)
+        elif a.split("=")[0] not in skip | {"--repeats", "--json"}:
+            base.append(a)
+    results: dict[str, list[dict[str, float]]] = {"logits": [], "fused": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in range(args.repeats):
+            for name in results:
+                out = Path(tmp) / f"{name}-{r}.json"
+                cmd = [sys.executable, __file__, *base, "--json", str(out)]
+                cmd += ["--fused-lm-head"] if name == "fused" else []
+                subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+                results[name].append(json.loads(out.read_text()))
+    med = {name: {k: statistics.median(r[k] for r in runs) for k in runs[0]} for name, runs in results.items()}
+    table = Table(title=f"DPO step, full logits vs fused lm_head: vocab {args.vocab}, hidden {args.hidden}, "
+                        f"{args.dtype}, medians of {args.repeats} runs each")
+    for col in ("lm_head", "ms/step", "tokens/s", "peak memory", "fraction of peak", "ref. tokens/s"):
+        table.add_column(col, justify="right")
+    for name, m in med.items():
+        table.add_row(name, f"{m['median_step_s'] * 1000:,.0f}", f"{m['tokens_per_s']:,.0f}",
+                      f"{m['peak_memory_bytes'] / 2**20:,.0f} MiB", f"{m['fraction_of_peak']:.0%}",
+                      f"{m['ref_tokens_per_s']:,.0f}")
+    lo, fu = med["logits"], med["fused"]
+    table.add_row("fused / logits", f"{fu['median_step_s'] / lo['median_step_s']:.2f}x",
+                  f"{fu['tokens_per_s'] / lo['tokens_per_s']:.2f}x",
+                  f"{(fu['peak_memory_bytes'] - lo['peak_memory_bytes']) / 2**20:+,.0f} MiB", "",
+                  f"{fu['ref_tokens_per_s'] / lo['ref_tokens_per_s']:.2f}x")
+    Console().print(table)
+    if args.json is not None:
+        args.json.write_text(json.dumps({"runs": results, "medians": med}, indent=1))
 
 
 def to_items(pairs: list[Pair]):
@@ -178,7 +235,7 @@ def to_items(pairs: list[Pair]):
                           rejected_labels=[IGNORE_INDEX] * len(p.prompt) + p.rejected) for p in pairs]
 
 
-def dpo_method(model, *, beta: float = 0.1):
+def dpo_method(model, *, beta: float = 0.1, fused_lm_head: bool = False):
     """preftune's DPOMethod holding an in-memory model; what ``setup`` would load from a config."""
     from types import SimpleNamespace
 
@@ -188,6 +245,7 @@ def dpo_method(model, *, beta: float = 0.1):
     method.model = model
     method.tokenizer = SimpleNamespace(pad_token_id=0)
     method.loss_name, method.hparams, method.needs_reference = "dpo", {"beta": beta}, True
+    method.fused_lm_head = fused_lm_head
     return method
 
 
@@ -214,7 +272,7 @@ def make_step(method, *, device: str, autocast_dtype, lr: float = 1e-4, max_grad
 def fill_reference_logps(method, items, *, batch_size: int, device: str, autocast_dtype) -> tuple[int, float]:
     """Reference log-probs (the initial model, no grad) written into every item, as the DPO reference
     cache does; returns (tokens, seconds)."""
-    from preftune.train.dpo import sequence_logps
+    from preftune.core.logprobs import batch_logps
 
     tokens = 0
     method.model.eval()
@@ -225,7 +283,7 @@ def fill_reference_logps(method, items, *, batch_size: int, device: str, autocas
             chunk = items[s : s + batch_size]
             batch = {k: v.to(device) for k, v in method.collate(chunk).items()}
             with _autocast(device, autocast_dtype):
-                logps = sequence_logps(method.model, batch)[0].float().cpu()
+                logps = batch_logps(method.model, batch, fused=method.fused_lm_head)[0].float().cpu()
             for i, item in enumerate(chunk):
                 item.ref_chosen_logps = float(logps[i])
                 item.ref_rejected_logps = float(logps[len(chunk) + i])
@@ -267,13 +325,15 @@ def run(args: argparse.Namespace) -> dict[str, float]:
     pairs = synthetic_pairs(args.pairs, vocab=args.vocab, prompt_len=(48, 80), response_len=(64, 128),
                             seed=args.seed)
     items = to_items(pairs)
-    method = dpo_method(model)
+    method = dpo_method(model, fused_lm_head=args.fused_lm_head)
     ref_tokens, ref_time = fill_reference_logps(method, items, batch_size=args.batch_size, device=device,
                                                 autocast_dtype=autocast_dtype)
     if args.compile:
         method.model = torch.compile(model)
     step = make_step(method, device=device, autocast_dtype=autocast_dtype)
     path = "preftune.train.dpo.DPOMethod.collate + .loss (loss dpo, beta 0.1), AdamW"
+    if args.fused_lm_head:
+        path += ", fused lm_head"
     if args.group_by_length:
         from preftune.data.collate import item_length, length_grouped_order
 
@@ -330,6 +390,7 @@ def run(args: argparse.Namespace) -> dict[str, float]:
         ("device / dtype / threads", f"{device} / {args.dtype} / {threads}"),
         ("batch (pairs) / sequences per step", f"{args.batch_size} / {2 * args.batch_size}"),
         ("torch.compile / group by length", f"{args.compile} / {args.group_by_length}"),
+        ("fused lm_head", f"{args.fused_lm_head}"),
         ("median step time", f"{med * 1000:.1f} ms"),
         ("min / max step time", f"{min(times) * 1000:.1f} / {max(times) * 1000:.1f} ms"),
         ("tokens per step (median, no padding)", f"{med_tokens:,.0f}"),
@@ -349,8 +410,11 @@ def run(args: argparse.Namespace) -> dict[str, float]:
     console.print(f"summary: {med * 1000:.0f} ms/step, {tok_per_s:,.0f} tok/s, "
                   f"{model_flops / 1e9:.1f} GFLOP/s = {model_flops / peak:.0%} of a {peak / 1e9:.0f} GFLOP/s "
                   f"{args.dtype} matmul peak on {threads} threads, peak memory +{mem / 2**20:,.0f} MiB")
-    return {"median_step_s": med, "tokens_per_s": tok_per_s, "fraction_of_peak": model_flops / peak,
-            "peak_memory_bytes": mem}
+    result = {"median_step_s": med, "tokens_per_s": tok_per_s, "fraction_of_peak": model_flops / peak,
+              "peak_memory_bytes": mem, "matmul_peak_flops": peak, "ref_tokens_per_s": ref_tokens / ref_time}
+    if args.json is not None:
+        args.json.write_text(json.dumps(result))
+    return result
 
 
 if __name__ == "__main__":

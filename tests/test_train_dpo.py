@@ -6,15 +6,17 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
-from preftune.config import from_mapping
+from preftune.config import from_mapping, load_config, to_dict, write_config
 from preftune.core.logprobs import batch_logps
 from preftune.data.collate import collate_pairs
 from preftune.data.formats import PreferencePair
 from preftune.data.tokenize import tokenize_preferences
+from preftune.train.base import RunContext
 from preftune.train.dpo import DPOConfig, DPOMethod
 from preftune.train.loop import read_metrics, train
 
@@ -133,15 +135,88 @@ def test_concatenated_forward_equals_separate_forwards(tiny_model_dir, toy_pairs
     assert joint_counts[0] == len(tok(toy_pairs[0].chosen, add_special_tokens=False)["input_ids"]) + 1
 
 
-def test_lora_reference_is_the_adapter_disabled_model(tiny_model_dir, toy_pairs, tmp_path):
+@pytest.mark.parametrize("fused_lm_head", [False, True])
+def test_lora_reference_is_the_adapter_disabled_model(tiny_model_dir, toy_pairs, tmp_path, fused_lm_head):
     """With LoRA (B initialised to 0) the adapted model equals its base at step 0, so the DPO loss is
-    log 2 with the reference = the same model, adapter off; the run saves an adapter directory."""
+    log 2 with the reference = the same model, adapter off; the run saves an adapter directory. LoRA on
+    q_proj / v_proj leaves lm_head a plain frozen nn.Linear, so fused_lm_head applies."""
     data = _write(tmp_path / "prefs.jsonl", toy_pairs)
     method = DPOMethod()
     final = train(method, _config(tmp_path, tiny_model_dir, data, max_steps=2, precompute_ref_logps=False,
-                                  lora={"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]}))
+                                  lora={"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]},
+                                  fused_lm_head=fused_lm_head))
     records = read_metrics(tmp_path / "run" / "metrics.jsonl")
-    assert method.ref_model is None
+    assert method.ref_model is None and method.fused_lm_head is fused_lm_head
     assert records[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
     assert records[1]["rewards/margins"] != 0.0
     assert (final / "adapter_config.json").is_file()
+
+
+def _step(method: DPOMethod, batch: dict) -> tuple[float, dict[str, float], dict[str, torch.Tensor]]:
+    """One DPO loss + backward: (loss, metric sums, every trainable parameter's gradient)."""
+    method.model.zero_grad()
+    out = method.loss(method.model, batch, normaliser=method.units(batch))
+    out.loss.backward()
+    grads = {n: p.grad.clone() for n, p in method.model.named_parameters() if p.requires_grad}
+    return out.loss.item(), {k: v.item() for k, v in out.metric_sums.items()}, grads
+
+
+def test_fused_lm_head_gives_the_same_step(tiny_model_dir, toy_pairs, tmp_path):
+    """fused_lm_head: true gives the same DPO step as the full logits: loss, every metric and every
+    parameter's gradient, to float32 rounding. The reference runs online (a frozen copy, fused too); the
+    policy is moved off it first so that the rewards are not 0."""
+    data = _write(tmp_path / "prefs.jsonl", toy_pairs)
+    messages: list[str] = []
+    method = DPOMethod()
+    method.setup(RunContext(config=_config(tmp_path, tiny_model_dir, data, precompute_ref_logps=False,
+                                           fused_lm_head=True),
+                            accelerator=SimpleNamespace(device=torch.device("cpu")), output_dir=tmp_path,
+                            log=messages.append))
+    assert method.fused_lm_head is True and method.ref_model is not None
+    assert not any("cannot be fused" in m for m in messages)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in method.model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    batch = method.collate(method.train_items)
+    fused = _step(method, batch)
+    method.fused_lm_head = False
+    full = _step(method, batch)
+    assert fused[0] == pytest.approx(full[0], rel=1e-6)
+    assert fused[1].keys() == full[1].keys()
+    assert full[1]["rewards/chosen"] != 0 and full[1]["rewards/margins"] != 0
+    for key, value in full[1].items():
+        assert fused[1][key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
+    assert fused[2].keys() == full[2].keys() and "lm_head.weight" in full[2]
+    for name, grad in full[2].items():
+        torch.testing.assert_close(fused[2][name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_fused_lm_head_has_its_own_reference_cache(tiny_model_dir, toy_pairs, tmp_path):
+    """The fused log-probs round differently, so they are cached under another key: a fused run next to
+    an unfused one computes its own reference (then reads it back on the next fused run), and its step 0
+    is log 2 exactly as policy and reference go the same way. Its metrics equal the unfused run's."""
+    data = _write(tmp_path / "prefs.jsonl", toy_pairs)
+    train(DPOMethod(), _config(tmp_path, tiny_model_dir, data, max_steps=1, output_dir=str(tmp_path / "a")))
+    fused = DPOMethod()
+    train(fused, _config(tmp_path, tiny_model_dir, data, max_steps=1, output_dir=str(tmp_path / "b"),
+                         fused_lm_head=True))
+    assert fused.ref_hits == {"train": False}
+    assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 2
+    again = DPOMethod()
+    train(again, _config(tmp_path, tiny_model_dir, data, max_steps=1, output_dir=str(tmp_path / "c"),
+                         fused_lm_head=True))
+    assert again.ref_hits == {"train": True}
+    full, first = (read_metrics(tmp_path / run / "metrics.jsonl")[0] for run in ("a", "b"))
+    assert first["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    for key in ("loss", "logps/chosen", "logps/rejected", "rewards/margins"):
+        assert first[key] == pytest.approx(full[key], rel=1e-5, abs=1e-6), key
+
+
+def test_fused_lm_head_key_round_trips(tmp_path):
+    """Off by default; on from the command line; written back by write_config and read again."""
+    assert DPOConfig.fused_lm_head is False
+    config = load_config(DPOConfig, None, ["--model", "m", "--data", "d", "--fused-lm-head"])
+    assert config.fused_lm_head is True
+    again = load_config(DPOConfig, write_config(config, tmp_path / "config.yaml"))
+    assert again.fused_lm_head is True and to_dict(again) == to_dict(config)

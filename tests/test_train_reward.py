@@ -116,7 +116,7 @@ def test_rankings_train_as_one_item_per_prompt(tiny_model_dir, tmp_path):
     # the same initial model (the loop seeds with `seed` before loading), scored outside the loop
     from accelerate.utils import set_seed
 
-    from preftune.core.losses import pairwise_ranking_loss
+    from preftune.core.reward_losses import pairwise_ranking_loss
     from preftune.models import load_reward_model, sequence_scores
 
     set_seed(0)

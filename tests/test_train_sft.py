@@ -8,13 +8,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from preftune.config import from_mapping
+from preftune.config import from_mapping, load_config, to_dict, write_config
 from preftune.core.logprobs import next_token_labels
 from preftune.errors import PreftuneError
+from preftune.train import run
 from preftune.train.base import RunContext
 from preftune.train.data import split_eval
 from preftune.train.loop import read_metrics
-from preftune.train.sft import SFTConfig, SFTMethod, train_sft
+from preftune.train.sft import SFTConfig, SFTMethod
 
 
 def _setup(model_dir: Path, examples: list, **values) -> tuple[SFTMethod, list[str]]:
@@ -68,6 +69,84 @@ def test_loss_is_the_token_mean_nll_over_completion_tokens(tiny_model_dir: Path)
     assert 0 <= out.metric_sums["mean_token_accuracy"].item() <= count
 
 
+def _step(method: SFTMethod, batch: dict) -> tuple[float, float, dict[str, torch.Tensor]]:
+    """One SFT loss + backward: (loss, mean_token_accuracy sum, every trainable parameter's gradient)."""
+    method.model.zero_grad()
+    out = method.loss(method.model, batch, normaliser=method.units(batch))
+    out.loss.backward()
+    grads = {n: p.grad.clone() for n, p in method.model.named_parameters() if p.requires_grad}
+    return out.loss.item(), out.metric_sums["mean_token_accuracy"].item(), grads
+
+
+SEA = [{"prompt": "What colour is the sky?", "completion": " Blue."},
+       {"prompt": "To be, or not to be:", "completion": " that is the question. The sea is blue."}]
+
+
+def test_fused_lm_head_gives_the_same_step(tiny_model_dir: Path) -> None:
+    """fused_lm_head: true (the lm_head applied chunk by chunk, no [B, T, V] logits) gives the same loss,
+    mean_token_accuracy and gradient of every parameter as the full logits, to float32 rounding. The
+    model is first fitted a little (8 AdamW steps) so that it predicts some tokens right: the accuracy
+    compared is not 0."""
+    method, messages = _setup(tiny_model_dir, SEA, fused_lm_head=True)
+    assert method.fused_lm_head is True and not any("cannot be fused" in m for m in messages)
+    batch = method.collate(method.train_items)
+    torch.manual_seed(0)
+    optimizer = torch.optim.AdamW(method.model.parameters(), lr=3e-3)
+    for _ in range(8):
+        optimizer.zero_grad()
+        method.loss(method.model, batch, normaliser=method.units(batch)).loss.backward()
+        optimizer.step()
+    fused = _step(method, batch)
+    method.fused_lm_head = False
+    full = _step(method, batch)
+    assert fused[0] == pytest.approx(full[0], rel=1e-6)
+    assert fused[1] == full[1] and 0 < full[1] < method.units(batch)  # some tokens right, not all
+    assert fused[2].keys() == full[2].keys() and "lm_head.weight" in full[2]
+    for name, grad in full[2].items():
+        torch.testing.assert_close(fused[2][name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_fused_lm_head_with_lora(tiny_model_dir: Path) -> None:
+    """LoRA on the other layers (the default target_modules, all-linear, leaves lm_head out) keeps a plain,
+    frozen lm_head: the fused path applies and gives the same loss and LoRA gradients. LoRA on lm_head
+    wraps it: the key falls back to the full logits, says so in the log, and the step is the default's,
+    bit for bit."""
+    lora = {"r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "init_lora_weights": False}
+    method, messages = _setup(tiny_model_dir, SEA, fused_lm_head=True, lora=lora)
+    assert method.fused_lm_head is True and not any("cannot be fused" in m for m in messages)
+    batch = method.collate(method.train_items)
+    fused = _step(method, batch)
+    method.fused_lm_head = False
+    full = _step(method, batch)
+    assert fused[0] == pytest.approx(full[0], rel=1e-6) and fused[1] == full[1]
+    assert full[2] and all("lora_" in name for name in full[2])
+    for name, grad in full[2].items():
+        torch.testing.assert_close(fused[2][name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+    on_head = {**lora, "target_modules": ["q_proj", "v_proj", "lm_head"]}
+    torch.manual_seed(1)  # the same LoRA initialisation for both
+    method, messages = _setup(tiny_model_dir, SEA, fused_lm_head=True, lora=on_head)
+    assert method.fused_lm_head is False
+    assert any("fused_lm_head" in m and "computing the full logits instead" in m for m in messages)
+    torch.manual_seed(1)
+    default, _ = _setup(tiny_model_dir, SEA, lora=on_head)
+    fallback, unfused = _step(method, batch), _step(default, batch)
+    assert fallback[:2] == unfused[:2]
+    assert all(torch.equal(fallback[2][name], grad) for name, grad in unfused[2].items())
+
+
+def test_fused_lm_head_key_round_trips(tmp_path: Path) -> None:
+    """Off by default; on from YAML or the command line; written back by write_config and read again."""
+    assert SFTConfig.fused_lm_head is False
+    config = load_config(SFTConfig, None, ["--model", "m", "--data", "d", "--fused_lm_head"])
+    assert config.fused_lm_head is True
+    path = write_config(config, tmp_path / "config.yaml")
+    assert "fused_lm_head: true" in path.read_text()
+    again = load_config(SFTConfig, path)
+    assert again.fused_lm_head is True and to_dict(again) == to_dict(config)
+    assert load_config(SFTConfig, path, ["--fused_lm_head", "false"]).fused_lm_head is False
+
+
 def test_completion_only_loss_false_trains_every_token(tiny_model_dir: Path) -> None:
     method, _ = _setup(tiny_model_dir, [{"prompt": "Answer yes or no:", "completion": " yes"}],
                        completion_only_loss=False)
@@ -119,7 +198,7 @@ def test_sft_lowers_the_loss_on_a_toy_set(tiny_model_dir: Path, tmp_path: Path) 
             for w, a in [("one", "two"), ("two", "four"), ("three", "six"), ("four", "eight"),
                          ("five", "ten"), ("six", "twelve"), ("seven", "fourteen"), ("eight", "sixteen")]]
     data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    final = train_sft({"model": str(tiny_model_dir), "data": str(data), "eval_data": str(data),
+    final = run("sft", {"model": str(tiny_model_dir), "data": str(data), "eval_data": str(data),
                        "output_dir": str(tmp_path / "run"), "report_to": "none", "batch_size": 4,
                        "max_steps": 30, "learning_rate": 3e-3, "log_every": 1, "eval_every": 15})
     records = read_metrics(tmp_path / "run" / "metrics.jsonl")

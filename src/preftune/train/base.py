@@ -1,5 +1,6 @@
-"""What every training method shares: the keys of every method, the contract between the one loop and a
-method, and the entry a method registers.
+"""What the training methods share: their keys (``TrainConfig`` for every method, ``PairConfig`` for the
+methods trained on preference pairs, ``OnlineConfig`` for the online ones), the contract between the one
+loop and a method, and the entry a method registers.
 
 The loop (``preftune.train.loop``) owns everything generic: accelerate, optimizer, scheduler, gradient
 accumulation, clipping, evaluation, checkpoints with exact resume, metrics.jsonl, trackers, the progress
@@ -311,6 +312,26 @@ class TrainingMethod(Protocol):
     def before_step(self, model: torch.nn.Module, step: int) -> list[Any] | None: ...
 
     def save(self, model: torch.nn.Module, path: Path) -> None: ...
+
+
+class OfflineMethod:
+    """What the offline methods (sft, reward, dpo) share: the training and evaluation data may be given in
+    memory instead of the config's files, every step's items come from the loop's seeded order
+    (``before_step`` returns None), and the final model is saved with its tokenizer."""
+
+    def __init__(self, given: list[Any] | None = None, given_eval: list[Any] | None = None) -> None:
+        self._given, self._given_eval = given, given_eval
+        self.model: torch.nn.Module
+        self.tokenizer: Any = None
+        self.train_items: list[Any] = []
+        self.eval_items: list[Any] = []
+
+    def before_step(self, model: torch.nn.Module, step: int) -> None:
+        return None
+
+    def save(self, model: torch.nn.Module, path: Path) -> None:
+        model.save_pretrained(path)
+        self.tokenizer.save_pretrained(path)
 
 
 # ------------------------------------------------------------------------------------------------ the registry

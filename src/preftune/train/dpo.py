@@ -24,11 +24,10 @@ pairs with chosen reward > rejected reward), ``logps/chosen``, ``logps/rejected`
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from preftune.config import fail, opt, suggest
-from preftune.train.base import MethodSpec, PairConfig, RunContext, StepOutput
+from preftune.train.base import MethodSpec, OfflineMethod, PairConfig, RunContext, StepOutput
 
 if TYPE_CHECKING:
     import torch
@@ -57,6 +56,8 @@ class DPOConfig(PairConfig):
                                      "disk), then free the reference; false = a reference forward every step")
     ref_cache_dir: str | None = opt(None, "directory of the reference log-prob cache; "
                                     "null = ~/.cache/preftune/ref_logps")
+    fused_lm_head: bool = opt(False, "apply the lm_head chunk by chunk inside the log-prob, never holding "
+                              "the [batch, time, vocab] logits: less memory at large vocabularies")
 
     def validate(self) -> None:
         super().validate()
@@ -87,18 +88,15 @@ class DPOConfig(PairConfig):
         return hparams
 
 
-class DPOMethod:
+class DPOMethod(OfflineMethod):
     """DPO and its family (see the module docstring). ``pairs`` / ``eval_pairs`` replace reading
     ``config.data`` / ``config.eval_data`` for callers that hold ``PreferencePair`` objects in memory."""
 
     def __init__(self, *, pairs: list[Any] | None = None, eval_pairs: list[Any] | None = None) -> None:
-        self._pairs, self._eval_pairs = pairs, eval_pairs
-        self.model: torch.nn.Module
-        self.tokenizer: Any = None
-        self.train_items: list[Any] = []
-        self.eval_items: list[Any] = []
+        super().__init__(pairs, eval_pairs)
         self.ref_model: torch.nn.Module | None = None
         self.ref_hits: dict[str, bool] = {}  # split -> whether its reference log-probs came from the cache
+        self.fused_lm_head = False  # the fused_lm_head key, once setup has checked the model's head
 
     # ------------------------------------------------------------------------------------------ setup
     def setup(self, ctx: RunContext) -> None:
@@ -106,6 +104,7 @@ class DPOMethod:
 
         import torch
 
+        from preftune.core.logprobs import fused_lm_head_applies
         from preftune.core.losses import LOSSES
         from preftune.models import load_policy, load_tokenizer
         from preftune.models.load import build_reference
@@ -119,8 +118,9 @@ class DPOMethod:
         self.model = load_policy(config.model, dtype=config.dtype, lora=config.lora,
                                  gradient_checkpointing=config.gradient_checkpointing,
                                  trust_remote_code=config.trust_remote_code, tokenizer=self.tokenizer)
+        self.fused_lm_head = config.fused_lm_head and fused_lm_head_applies(self.model, ctx.log)
         self.train_items, self.eval_items = load_preference_items(
-            config, self.tokenizer, ctx.log, rankings="pairs", pairs=self._pairs, eval_pairs=self._eval_pairs)
+            config, self.tokenizer, ctx.log, rankings="pairs", pairs=self._given, eval_pairs=self._given_eval)
         if not self.needs_reference:
             if config.ref_model:
                 ctx.log(f"loss {config.loss} uses no reference model; ref_model is ignored")
@@ -147,9 +147,9 @@ class DPOMethod:
 
         with torch.no_grad():
             if self.ref_model is not None:
-                return batch_logps(self.ref_model, batch)[0]
+                return batch_logps(self.ref_model, batch, fused=self.fused_lm_head)[0]
             with adapter_disabled(model) as base:
-                return batch_logps(base, batch)[0]
+                return batch_logps(base, batch, fused=self.fused_lm_head)[0]
 
     def _precompute(self, items: list[Any], *, name: str, log: Any) -> bool:
         """Reference log-probs of ``items`` from the disk cache, or one no-grad pass that fills it."""
@@ -159,12 +159,14 @@ class DPOMethod:
         config, accelerator = self.config, self.accelerator
         reference = self.ref_model if self.ref_model is not None else unwrap(self.model)
         directory = refcache.cache_dir(config.ref_cache_dir)
+        settings = {"max_length": config.max_length, "max_prompt_length": config.max_prompt_length,
+                    "truncation": config.truncation, "dtype": str(next(reference.parameters()).dtype),
+                    "mixed_precision": config.mixed_precision}
+        if self.fused_lm_head:  # other rounding; named only when on, so the unfused keys stay as they were
+            settings["fused_lm_head"] = True
         key = refcache.cache_key(
             model=refcache.model_fingerprint(reference), tokenizer=refcache.tokenizer_fingerprint(self.tokenizer),
-            items=refcache.items_fingerprint(items),
-            settings={"max_length": config.max_length, "max_prompt_length": config.max_prompt_length,
-                      "truncation": config.truncation, "dtype": str(next(reference.parameters()).dtype),
-                      "mixed_precision": config.mixed_precision})
+            items=refcache.items_fingerprint(items), settings=settings)
         device = accelerator.device
         reference.to(device)
 
@@ -197,7 +199,7 @@ class DPOMethod:
         from preftune.core.logprobs import batch_logps
         from preftune.core.losses import preference_loss
 
-        logps, counts = batch_logps(model, batch)
+        logps, counts = batch_logps(model, batch, fused=self.fused_lm_head)
         pairs = logps.shape[0] // 2
         chosen, rejected = logps[:pairs], logps[pairs:]
         ref: dict[str, torch.Tensor] = {}
@@ -218,19 +220,6 @@ class DPOMethod:
         }
         return StepOutput(loss=out.losses.sum() / normaliser, metric_sums=metrics)
 
-    def before_step(self, model: torch.nn.Module, step: int) -> None:
-        return None
-
-    def save(self, model: torch.nn.Module, path: Path) -> None:
-        model.save_pretrained(path)
-        self.tokenizer.save_pretrained(path)
-
-
-def train_dpo(config: DPOConfig | dict[str, Any] | str | Path, **overrides: Any) -> Path:
-    """Run ``preftune train dpo`` from Python; returns ``OUTPUT_DIR/final``."""
-    from preftune.train import run
-
-    return run("dpo", config, **overrides)
 
 
 SPEC = MethodSpec("dpo", DPOConfig, DPOMethod,

@@ -50,7 +50,8 @@ class OnlineRecipe:
     unit: str                    # "token" or "sequence": the loss is a mean over response tokens or completions
     value_network: bool          # train a value network beside the policy (PPO)
     advantages: Callable[[Rollout, Any], tuple[list[dict[str, Any]], dict[str, float]]]  # (4) items, logs
-    loss: Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]]  # (5) per-unit losses, metric sums
+    # (5) loss(logps [B, R], values [B, R] or None, batch, config) -> per-unit losses, metric sums
+    loss: Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]]
     loss_at_temperature: bool = True  # log-probs of the loss under softmax(logits / temperature)
 
 

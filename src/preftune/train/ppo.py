@@ -26,7 +26,6 @@ Metrics (token means): ``policy/clipfrac``, ``policy/approxkl``, ``val/ratio``, 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from preftune.config import opt, require
@@ -97,15 +96,6 @@ class PPOMethod(OnlineMethod):
     """PPO with a value network and GAE (see the module docstring)."""
 
     recipe = OnlineRecipe(unit="token", value_network=True, advantages=gae_advantages, loss=ppo_loss)
-
-
-def train_ppo(config: PPOConfig | dict[str, Any] | str | Path, *, prompts: list[Any] | None = None,
-              reward_fn: Any = None, **overrides: Any) -> Path:
-    """Run ``preftune train ppo`` from Python; returns ``OUTPUT_DIR/final``. ``prompts`` and
-    ``reward_fn(prompt, completion) -> float`` replace the ``data`` and ``reward`` keys."""
-    from preftune.train import run
-
-    return run("ppo", config, method=PPOMethod(prompts=prompts, reward_fn=reward_fn), **overrides)
 
 
 SPEC = MethodSpec("ppo", PPOConfig, PPOMethod,

@@ -19,7 +19,6 @@ The unit is the response token. Per rollout it logs ``raft/kept`` (completions k
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from preftune.config import opt, require
@@ -83,15 +82,6 @@ class RAFTMethod(OnlineMethod):
     # SFT trains the model's own distribution: the log-probs of the loss are at temperature 1
     recipe = OnlineRecipe(unit="token", value_network=False, advantages=keep_best, loss=nll_loss,
                           loss_at_temperature=False)
-
-
-def train_raft(config: RAFTConfig | dict[str, Any] | str | Path, *, prompts: list[Any] | None = None,
-              reward_fn: Any = None, **overrides: Any) -> Path:
-    """Run ``preftune train raft`` from Python; returns ``OUTPUT_DIR/final``. ``prompts`` and
-    ``reward_fn(prompt, completion) -> float`` replace the ``data`` and ``reward`` keys."""
-    from preftune.train import run
-
-    return run("raft", config, method=RAFTMethod(prompts=prompts, reward_fn=reward_fn), **overrides)
 
 
 SPEC = MethodSpec("raft", RAFTConfig, RAFTMethod,

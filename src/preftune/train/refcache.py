@@ -11,7 +11,8 @@ The cache file ``CACHE_DIR/<key>.safetensors`` holds two float32 vectors, ``chos
   weights (every parameter's name, shape, dtype, float64 sum and up to 64 strided values; LoRA adapter
   weights are left out because the reference runs with the adapter disabled);
 * the tokenizer (its serialised vocabulary/merges, special tokens and chat template);
-* the tokenisation settings (max_length, max_prompt_length, truncation) and the compute dtype;
+* the tokenisation settings (max_length, max_prompt_length, truncation), the compute dtype and, when on,
+  ``fused_lm_head`` (the fused log-prob rounds differently from the one over the full logits);
 * the data content: every token id of every pair, in order.
 
 Change any of them (other data, another checkpoint, another max_length) and the key changes, so a

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from preftune.config import opt
-from preftune.train.base import MethodSpec, PairConfig, RunContext, StepOutput
+from preftune.train.base import MethodSpec, OfflineMethod, PairConfig, RunContext, StepOutput
 
 if TYPE_CHECKING:
     import torch
@@ -62,7 +62,7 @@ def reward_losses(rewards: torch.Tensor, batch: dict[str, torch.Tensor], *, use_
     """Per-item loss [B]: Bradley-Terry for pairs (with margin), the InstructGPT all-pairs loss for rankings."""
     import torch
 
-    from preftune.core.losses import bradley_terry_loss, pairwise_ranking_loss
+    from preftune.core.reward_losses import bradley_terry_loss, pairwise_ranking_loss
 
     mask = batch["response_mask"]
     ranking = pairwise_ranking_loss(rewards, mask=mask)  # Ouyang et al. 2022, Eq. 1
@@ -104,16 +104,12 @@ def reward_metrics(rewards: torch.Tensor, mask: torch.Tensor) -> dict[str, torch
     }
 
 
-class RewardMethod:
+class RewardMethod(OfflineMethod):
     """Reward-model training (see the module docstring). ``pairs`` / ``eval_pairs`` replace reading
     ``config.data`` / ``config.eval_data`` (``PreferencePair`` and ``Ranking`` objects)."""
 
     def __init__(self, *, pairs: list[Any] | None = None, eval_pairs: list[Any] | None = None) -> None:
-        self._pairs, self._eval_pairs = pairs, eval_pairs
-        self.model: torch.nn.Module
-        self.tokenizer: Any = None
-        self.train_items: list[Any] = []
-        self.eval_items: list[Any] = []
+        super().__init__(pairs, eval_pairs)
 
     def setup(self, ctx: RunContext) -> None:
         from preftune.models import load_reward_model, load_tokenizer
@@ -126,7 +122,7 @@ class RewardMethod:
                                        gradient_checkpointing=config.gradient_checkpointing,
                                        trust_remote_code=config.trust_remote_code, tokenizer=self.tokenizer)
         self.train_items, self.eval_items = load_preference_items(
-            config, self.tokenizer, ctx.log, rankings=config.rankings, pairs=self._pairs, eval_pairs=self._eval_pairs)
+            config, self.tokenizer, ctx.log, rankings=config.rankings, pairs=self._given, eval_pairs=self._given_eval)
         ties = sum(_ties(item) for item in self.train_items)
         if ties:
             ctx.log(f"{ties} tied pairs inside rankings are trained in the given order (rankings: pairs skips them)")
@@ -151,9 +147,6 @@ class RewardMethod:
         return StepOutput(loss=losses.sum() / normaliser, metric_sums=reward_metrics(rewards, batch["response_mask"]),
                           logs=logs)
 
-    def before_step(self, model: torch.nn.Module, step: int) -> None:
-        return None
-
     def save(self, model: torch.nn.Module, path: Path) -> None:
         """A complete ``AutoModelForSequenceClassification`` directory (LoRA is merged into a copy first)."""
         import copy
@@ -169,13 +162,6 @@ class RewardMethod:
 def _ties(item: Any) -> int:
     scores = getattr(item, "scores", None) or []
     return sum(1 for i in range(len(scores)) for j in range(i + 1, len(scores)) if scores[i] == scores[j])
-
-
-def train_reward(config: RewardConfig | dict[str, Any] | str | Path, **overrides: Any) -> Path:
-    """Run ``preftune train reward`` from Python; returns ``OUTPUT_DIR/final``."""
-    from preftune.train import run
-
-    return run("reward", config, **overrides)
 
 
 SPEC = MethodSpec("reward", RewardConfig, RewardMethod,

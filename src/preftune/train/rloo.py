@@ -20,7 +20,6 @@ Metrics (completion means): ``policy/clipfrac``, ``policy/approxkl``, ``val/rati
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from preftune.config import opt, require
@@ -85,15 +84,6 @@ class RLOOMethod(OnlineMethod):
     """REINFORCE with the leave-one-out (or batch-mean) baseline (see the module docstring)."""
 
     recipe = OnlineRecipe(unit="sequence", value_network=False, advantages=baseline_advantages, loss=sequence_loss)
-
-
-def train_rloo(config: RLOOConfig | dict[str, Any] | str | Path, *, prompts: list[Any] | None = None,
-              reward_fn: Any = None, **overrides: Any) -> Path:
-    """Run ``preftune train rloo`` from Python; returns ``OUTPUT_DIR/final``. ``prompts`` and
-    ``reward_fn(prompt, completion) -> float`` replace the ``data`` and ``reward`` keys."""
-    from preftune.train import run
-
-    return run("rloo", config, method=RLOOMethod(prompts=prompts, reward_fn=reward_fn), **overrides)
 
 
 SPEC = MethodSpec("rloo", RLOOConfig, RLOOMethod,

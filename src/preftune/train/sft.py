@@ -18,11 +18,10 @@ is trained on) or ``{text}`` (plain language modelling). Tokenisation and paddin
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from preftune.config import opt
-from preftune.train.base import MethodSpec, RunContext, StepOutput, TrainConfig
+from preftune.train.base import MethodSpec, OfflineMethod, RunContext, StepOutput, TrainConfig
 
 if TYPE_CHECKING:
     import torch
@@ -37,9 +36,11 @@ class SFTConfig(TrainConfig):
     learning_rate: float = opt(2e-5, "peak learning rate of AdamW")
     output_dir: str = opt("runs/sft", "run directory: config.yaml, metrics.jsonl, checkpoints/, final/")
     completion_only_loss: bool = opt(True, "loss on completion / assistant tokens only; false = on all tokens")
+    fused_lm_head: bool = opt(False, "apply the lm_head chunk by chunk inside the log-prob, never holding "
+                              "the [batch, time, vocab] logits: less memory at large vocabularies")
 
 
-class SFTMethod:
+class SFTMethod(OfflineMethod):
     """Supervised fine-tuning on demonstrations (see the module docstring for the loss).
 
     ``examples`` / ``eval_examples`` (mappings or ``SFTExample`` objects) replace reading ``config.data``
@@ -47,13 +48,11 @@ class SFTMethod:
     """
 
     def __init__(self, *, examples: list[Any] | None = None, eval_examples: list[Any] | None = None) -> None:
-        self._examples, self._eval_examples = examples, eval_examples
-        self.model: torch.nn.Module
-        self.tokenizer: Any = None
-        self.train_items: list[Any] = []
-        self.eval_items: list[Any] = []
+        super().__init__(examples, eval_examples)
+        self.fused_lm_head = False  # the fused_lm_head key, once setup has checked the model's head
 
     def setup(self, ctx: RunContext) -> None:
+        from preftune.core.logprobs import fused_lm_head_applies
         from preftune.models import load_policy, load_tokenizer
         from preftune.train.data import load_sft_items
 
@@ -62,9 +61,10 @@ class SFTMethod:
         self.model = load_policy(config.model, dtype=config.dtype, lora=config.lora,
                                  gradient_checkpointing=config.gradient_checkpointing,
                                  trust_remote_code=config.trust_remote_code, tokenizer=self.tokenizer)
+        self.fused_lm_head = config.fused_lm_head and fused_lm_head_applies(self.model, ctx.log)
         self.train_items, self.eval_items = load_sft_items(
             config, self.tokenizer, ctx.log, completion_only_loss=config.completion_only_loss,
-            examples=self._examples, eval_examples=self._eval_examples)
+            examples=self._given, eval_examples=self._given_eval)
 
     def collate(self, items: list[Any]) -> dict[str, torch.Tensor]:
         from preftune.data.collate import collate_sft
@@ -78,34 +78,17 @@ class SFTMethod:
         return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
 
     def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor], *, normaliser: float) -> StepOutput:
-        """``-sum(log pi(completion tokens)) / normaliser`` and the count of correctly predicted tokens."""
+        """``-sum(log pi(completion tokens)) / normaliser`` and the count of correctly predicted tokens
+        (the scored tokens that are the model's arg-max)."""
         import torch
 
-        from preftune.core.logprobs import IGNORE_INDEX, forward_logits, label_logps, next_token_labels
+        from preftune.core.logprobs import model_label_logps
 
-        logits = forward_logits(model, batch)
-        logps = label_logps(logits, batch["labels"])  # [B, T]; 0 where nothing is scored
-        targets = next_token_labels(batch["labels"])
-        correct = ((logits.detach().argmax(-1) == targets) & (targets != IGNORE_INDEX)).sum()
+        # [B, T] log-probs, 0 where nothing is scored; hits: scored tokens that are the arg-max
+        logps, hits = model_label_logps(model, batch, fused=self.fused_lm_head, hits=True)
         return StepOutput(loss=-logps.sum() / normaliser,
-                          metric_sums={"mean_token_accuracy": correct.to(torch.float64)})
+                          metric_sums={"mean_token_accuracy": hits.sum().to(torch.float64)})
 
-    def before_step(self, model: torch.nn.Module, step: int) -> None:
-        return None
-
-    def save(self, model: torch.nn.Module, path: Path) -> None:
-        model.save_pretrained(path)
-        self.tokenizer.save_pretrained(path)
-
-
-def train_sft(config: SFTConfig | dict[str, Any] | str | Path, **overrides: Any) -> Path:
-    """Run ``preftune train sft`` from Python; returns ``OUTPUT_DIR/final``.
-
-    ``config`` is an ``SFTConfig``, a mapping of keys, or a YAML path; ``overrides`` are keys to change.
-    """
-    from preftune.train import run
-
-    return run("sft", config, **overrides)
 
 
 SPEC = MethodSpec("sft", SFTConfig, SFTMethod,
