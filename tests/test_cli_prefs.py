@@ -10,7 +10,8 @@ import pytest
 from typer.testing import CliRunner
 
 from preftune.cli import app
-from preftune.core.bt_fit import fit_bradley_terry, read_comparisons
+from preftune.core.bt_fit import fit_bradley_terry
+from preftune.data.comparisons import read_comparisons
 
 ROOT = Path(__file__).resolve().parents[1]
 COURSE = json.loads((ROOT / "tests" / "data" / "course_exercise.json").read_text())

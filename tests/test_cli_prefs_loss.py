@@ -12,14 +12,18 @@ from __future__ import annotations
 import json
 import math
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
+import click
 import pytest
 import typer
 from typer.testing import CliRunner
 
 from preftune.cli import app
 from preftune.cli.prefs_loss import loss_app
+from preftune.core.losses import LOSSES
 
 COURSE = json.loads((Path(__file__).parent / "data" / "course_exercise.json").read_text())["expected"]
 DPO_ARGS = ["--policy-chosen", "0.2", "--policy-rejected", "0.3", "--ref-chosen", "0.2", "--ref-rejected", "0.4",
@@ -205,3 +209,148 @@ def test_help_lists_commands():
     text = run("--help").stdout
     for name in ("reward", "dpo", "ipo", "cdpo", "orpo", "simpo"):
         assert name in text
+
+
+# ------------------------------------------------------------- losses added with the registry-built commands
+
+
+def test_hinge_hand_computed():
+    """Course example, beta 2: h = log(4/3) = 0.287682, beta h = 0.575364, so the hinge max(0, 1 - beta h) is
+    1 - 2 log(4/3) = 0.424636 (the margin 1/beta on h is not yet met). With beta 4, beta h = 1.150728 > 1:
+    the margin is met and the loss is exactly 0 while 1 - beta h = -0.150728."""
+    data = run_json("hinge", *DPO_ARGS)
+    assert data["loss"] == pytest.approx(1 - 2 * math.log(4 / 3), abs=1e-12)
+    assert data["slack"] == pytest.approx(data["loss"], abs=1e-12)
+    assert data["h"] == pytest.approx(math.log(4 / 3), abs=1e-12)
+    assert data["gradient_weight"] == pytest.approx(0.36, abs=1e-12)  # JSON only, as for ipo and cdpo
+    met = run_json("hinge", *DPO_ARGS[:-1], "4")
+    assert met["loss"] == 0.0
+    assert met["slack"] == pytest.approx(1 - 4 * math.log(4 / 3), abs=1e-12)
+    text = run("hinge", *DPO_ARGS).stdout
+    assert "0.424636" in text and "max(0, 1 - beta h)" in text and "gradient weight" not in text
+
+
+def test_robust_hand_computed():
+    """rDPO, beta 2, eps 0.1. With l(z) = -log sigmoid(z) and z = beta h = 2 log(4/3): l(-z) = l(z) + z, so
+    [(1 - eps) l(z) - eps l(-z)] / (1 - 2 eps) = l(z) - eps z / (1 - 2 eps) = log(25/16) - 0.25 log(4/3)
+    = 0.446287 - 0.071921 = 0.374367. The DPO and flipped terms are cDPO's: l(z) and l(z) + z."""
+    data = run_json("robust", *DPO_ARGS, "--label-smoothing", "0.1")
+    a = math.log(1 + 9 / 16)
+    assert data["loss"] == pytest.approx(a - 0.25 * math.log(4 / 3), abs=1e-12)
+    assert data["dpo_term"] == pytest.approx(a, abs=1e-12)
+    assert data["flipped_term"] == pytest.approx(a + 2 * math.log(4 / 3), abs=1e-12)
+    assert run_json("robust", *DPO_ARGS, "--label-smoothing", "0")["loss"] == pytest.approx(a, abs=1e-12)
+    text = run("robust", *DPO_ARGS).stdout
+    assert "0.374367" in text and "(0.9 DPO term - 0.1 flipped) / 0.8" in text
+    bad = run("robust", *DPO_ARGS, "--label-smoothing", "0.5", ok=False)
+    assert bad.exit_code == 1 and "field '--label-smoothing': label_smoothing must be in [0, 0.5)" in bad.output
+
+
+def test_unlikelihood_hand_computed():
+    """Per-token probabilities 1/2 (chosen) and 1/3 (rejected), alpha 1: -log(1/2) - log(1 - 1/3)
+    = log 2 + log 1.5 = log 3 = 1.098612. With alpha 2: log 2 + 2 log 1.5 = log 4.5 = 1.504077. The same
+    per-token numbers as sequences, 0.25 over 2 tokens and 1/27 over 3, give the same loss. The rewards
+    reported are m_w = -log 2 and m_l = -log 3 (no beta)."""
+    a = run_json("unlikelihood", "--policy-chosen", "0.5", "--policy-rejected", repr(1 / 3))
+    b = run_json("unlikelihood", "--policy-chosen", "0.25", "--chosen-length", "2", "--policy-rejected",
+                 repr(1 / 27), "--rejected-length", "3")
+    for data in (a, b):
+        assert data["loss"] == pytest.approx(math.log(3), abs=1e-12)
+        assert data["nll"] == pytest.approx(math.log(2), abs=1e-12)
+        assert data["unlikelihood_term"] == pytest.approx(math.log(1.5), abs=1e-12)
+        assert data["reward_rejected"] == pytest.approx(-math.log(3), abs=1e-12)
+    two = run_json("unlikelihood", "--policy-chosen", "0.5", "--policy-rejected", repr(1 / 3), "--alpha", "2")
+    assert two["loss"] == pytest.approx(math.log(4.5), abs=1e-12)
+    assert "1.098612" in run("unlikelihood", "--policy-chosen", "0.5", "--policy-rejected", repr(1 / 3)).stdout
+    bad = run("unlikelihood", "--policy-chosen", "0.5", "--policy-rejected", "0.3", "--alpha", "-1", ok=False)
+    assert bad.exit_code == 1 and "field '--alpha': alpha must be >= 0" in bad.output
+
+
+def test_ipo_length_normalize():
+    """Course example with |y_w| = 2 and |y_l| = 4: per-token log-ratios 0 and log(0.75)/4, so the h IPO
+    uses is log(4/3)/4 = 0.071921 and the loss (0.071921 - 1/4)^2 = 0.031712. Without the flag the token
+    counts change nothing."""
+    lengths = ["--chosen-length", "2", "--rejected-length", "4"]
+    data = run_json("ipo", *DPO_ARGS, *lengths, "--length-normalize")
+    assert data["h"] == pytest.approx(math.log(4 / 3) / 4, abs=1e-12)
+    assert data["loss"] == pytest.approx((math.log(4 / 3) / 4 - 0.25) ** 2, abs=1e-12)
+    assert run_json("ipo", *DPO_ARGS, *lengths)["loss"] == pytest.approx((math.log(4 / 3) - 0.25) ** 2, abs=1e-12)
+
+
+def _loss_command(name: str):
+    """The click command of `prefs loss NAME`, as the CLI builds it."""
+    group = typer.main.get_command(app)
+    ctx = click.Context(group)
+    prefs = group.get_command(ctx, "prefs")
+    loss = prefs.get_command(click.Context(prefs, parent=ctx), "loss")
+    return loss.get_command(click.Context(loss, parent=ctx), name)
+
+
+def test_every_registry_loss_is_a_command_with_its_hyperparameters():
+    """Adding a loss to LOSSES is enough: it is listed, and its --help shows each hyperparameter as an
+    option with the spec's default."""
+    listing = run("--help").stdout
+    for name in ["reward", *LOSSES]:
+        assert name in listing
+    for name, spec in LOSSES.items():
+        text = run(name, "--help").stdout
+        options = {p.name: p for p in _loss_command(name).params}
+        for key, default in spec.hparams.items():
+            assert "--" + key.replace("_", "-") in text, (name, key)
+            assert options[key].default == default, (name, key)
+        for flag in (["--ref-chosen", "--ref-rejected"] if spec.needs_reference else ["--chosen-length"]):
+            assert flag in text, (name, flag)
+        assert ("--beta-sweep" in text) == (spec.needs_reference and "beta" in spec.hparams), name
+
+
+def test_a_new_loss_appears_with_generic_rows(monkeypatch, tmp_path):
+    """A loss registered with no parts function still gets a command, generic rows and a sweep:
+    (beta h - tau)^2 on the course example with beta 2, tau 0.5 is (2 log(4/3) - 0.5)^2 = 0.005679."""
+    from preftune.core import losses as L
+
+    def toy_loss(pc, pr, rc, rr, *, beta: float = 1.0, tau: float = 0.5):
+        h = (pc - rc) - (pr - rr)
+        return L.PreferenceLossOutput((beta * h - tau) ** 2, beta * (pc - rc), beta * (pr - rr))
+
+    monkeypatch.setitem(L.LOSSES, "toy", L._spec(toy_loss, "Toy", needs_reference=True, summary="(beta h - tau)^2"))
+    assert "--tau" in run("toy", "--help").stdout
+    data = run_json("toy", *DPO_ARGS)
+    assert data["loss"] == pytest.approx((2 * math.log(4 / 3) - 0.5) ** 2, abs=1e-12)
+    assert data["margin"] == pytest.approx(2 * math.log(4 / 3), abs=1e-12)
+    text = run("toy", *DPO_ARGS).stdout
+    assert "Toy loss, beta = 2, tau = 0.5" in text and "(beta h - tau)^2" in text
+    sweep = run_json("toy", *DPO_ARGS, "--beta-sweep", "1:2:2", "--plot", str(tmp_path / "toy.png"))
+    assert sweep["losses"][1] == pytest.approx(data["loss"], abs=1e-12)
+
+
+def test_hinge_beta_sweep(tmp_path):
+    """Betas 1, 2, 3. With pi_ref(y_l) = 0.4, h = log(4/3) > 0 and the hinge 1 - beta h falls: 0.712318,
+    0.424636, 0.136954. With pi_ref(y_l) = 0.2, h = log(0.2/0.2) - log(0.3/0.2) = -log 1.5 < 0 and it rises:
+    1 + beta log 1.5 = 1.405465, 1.810930, 2.216395."""
+    plot = tmp_path / "hinge.png"
+    args = [a for a in DPO_ARGS if a not in ("--beta", "2")]
+    data = run_json("hinge", *args, "--beta-sweep", "1:3:3", "--compare-ref-rejected", "0.2", "--plot", str(plot))
+    h = math.log(4 / 3)
+    assert data["losses"] == pytest.approx([1 - h, 1 - 2 * h, 1 - 3 * h], abs=1e-12)
+    assert data["h"] == pytest.approx(h, abs=1e-12)
+    assert data["compare"]["h"] == pytest.approx(-math.log(1.5), abs=1e-12)
+    assert data["compare"]["losses"] == pytest.approx([1 + b * math.log(1.5) for b in (1, 2, 3)], abs=1e-12)
+    assert data["inputs"] == {"policy_chosen": 0.2, "policy_rejected": 0.3, "ref_chosen": 0.2, "ref_rejected": 0.4,
+                              "log": False}
+    width, height = _png_size(plot)
+    assert width > 300 and height > 200
+    text = run("hinge", *args, "--beta-sweep", "1:3:3", "--plot", str(tmp_path / "t.png")).stdout
+    assert "Hinge loss vs beta" in text and "0.424636" in text
+
+
+def test_reference_free_losses_have_no_sweep():
+    result = run("simpo", "--policy-chosen", "0.5", "--policy-rejected", "0.3", "--beta-sweep", "1:2:2", ok=False)
+    assert result.exit_code == 2 and "No such option" in result.output
+
+
+def test_importing_the_command_group_does_not_import_torch():
+    """The registry's commands are built when `prefs loss` is listed or run, so `preftune --help` stays light."""
+    code = "import sys, preftune.cli.prefs_loss; print('torch' in sys.modules, 'matplotlib' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["False", "False"]

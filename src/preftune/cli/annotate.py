@@ -103,11 +103,12 @@ def export(
     min_labels: int = typer.Option(1, "--min-labels", help="Keep pairs with at least this many answers."),
 ) -> None:
     """Write one {prompt, chosen, rejected, annotator, group, pair_id} row per label (skips never)."""
-    from preftune.annotate.export import preference_rows, write_jsonl
+    from preftune.annotate.export import preference_rows
+    from preftune.data.jsonl import write_jsonl
 
     store = _open_store(db, must_exist=True)
     result = preference_rows(store.labels(), ties=ties, min_agreement=min_agreement, min_labels=min_labels)
-    write_jsonl(result.rows, output)
+    write_jsonl(output, result.rows)
     c = result.counts
     console.print(f"wrote {_n(c['rows'], 'row')} to {output} from {_n(c['labels'], 'label')}: "
                   f"{_n(c.get('preferences', 0), 'preference')}, {_n(c.get('ties', 0), 'tie')} ({ties}), "
@@ -120,7 +121,7 @@ def export(
                       "is empty (the data loader rejects empty text)", highlight=False)
     if ties == "separate":
         path = ties_file or output.with_name(output.name.removesuffix(".jsonl") + ".ties.jsonl")
-        write_jsonl(result.tie_rows, path)
+        write_jsonl(path, result.tie_rows)
         console.print(f"wrote {_n(len(result.tie_rows), 'tie')} to {path}", highlight=False)
     elif ties_file is not None:
         raise PreftuneError("--ties-file is only used with --ties separate", field="ties_file")

@@ -37,7 +37,8 @@ def table(
     as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
 ) -> None:
     """Bradley-Terry P(y_i > y_j) for every pair of responses in every group, and each group's favourite."""
-    from preftune.core.prefs import bradley_terry_table, read_ratings
+    from preftune.core.prefs import bradley_terry_table
+    from preftune.data.ratings import read_ratings
 
     result = bradley_terry_table(read_ratings(ratings), scale=scale)
     if as_json:
@@ -76,7 +77,7 @@ def aggregate(
 ) -> None:
     """MaxMin (egalitarian) choice next to the utilitarian choice and each group's favourite."""
     from preftune.core.prefs import aggregate as aggregate_ratings
-    from preftune.core.prefs import read_ratings
+    from preftune.data.ratings import read_ratings
 
     result = aggregate_ratings(read_ratings(ratings))
     if as_json:
@@ -106,12 +107,15 @@ def parse_rewards(spec: str) -> dict[str, float]:
     """``y1=1.0,y2=0.5`` or a file: JSON ``{"y1": 1.0}``, or lines ``y1,1.0`` / ``y1=1.0``."""
     path = Path(spec)
     if "=" not in spec and path.is_file():
-        text = path.read_text(encoding="utf-8-sig")
+        from preftune.data.jsonl import read_text
+
+        text = read_text(path)
         if text.lstrip().startswith("{"):
             try:
                 obj = json.loads(text)
             except json.JSONDecodeError as exc:
-                raise PreftuneError(f"invalid JSON: {exc.msg}", path=str(path), line=exc.lineno) from None
+                raise PreftuneError(f"malformed JSON: {exc.msg} (column {exc.colno})", path=str(path),
+                                    line=exc.lineno) from None
             items = [(1, str(k), v) for k, v in obj.items()]
         else:
             items = []
@@ -187,7 +191,8 @@ def fit(
     as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
 ) -> None:
     """Fit Bradley-Terry strengths (ties count half) with bootstrap 95% intervals; rank the players."""
-    from preftune.core.bt_fit import fit_bradley_terry, read_comparisons
+    from preftune.core.bt_fit import fit_bradley_terry
+    from preftune.data.comparisons import read_comparisons
 
     data = read_comparisons(comparisons)
     if not as_json and bootstrap > 0:

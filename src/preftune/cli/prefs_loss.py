@@ -1,38 +1,90 @@
 """`preftune prefs loss`: compute a preference loss by hand and see its parts.
 
-Reward-model (Bradley-Terry) loss, DPO, IPO, cDPO, ORPO and SimPO for one example, from sequence
-probabilities (or log-probabilities with ``--log``). ``--beta-sweep`` plots a DPO-family loss against
-beta. Numbers print with 6 decimals; ``--json`` prints every number unrounded. The arithmetic is done
-by :mod:`preftune.core.losses`, the same functions the trainers use.
+``reward`` is the reward-model (Bradley-Terry) loss. Every other command comes from the registry
+:data:`preftune.core.losses.LOSSES`: its inputs from ``needs_reference`` / ``takes_lengths``, one option per
+hyperparameter (default and help from the spec), and its table from generic rows plus the spec's ``parts``.
+A loss added to the registry is a command here without touching this file. The commands are built on first
+use, so importing the CLI does not import torch.
+
+Numbers are sequence probabilities (log-probabilities with ``--log``), printed with 6 decimals; ``--json``
+prints every number unrounded. ``--beta-sweep`` (losses with a reference model and a ``beta``) tabulates
+the loss against beta and plots it with :func:`preftune.plots.beta_sweep`. The arithmetic is done by
+:mod:`preftune.core.losses`, the same functions the trainers use.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import click
 import typer
 from rich.table import Table
+from typer.core import TyperGroup
 
 from preftune.cli._common import console, handle_errors, print_json
 from preftune.errors import PreftuneError
 
-loss_app = typer.Typer(
-    help="Compute a preference loss for one example and print its parts (reward-model, DPO, IPO, cDPO, "
-         "ORPO, SimPO).",
-    no_args_is_help=True,
-)
+if TYPE_CHECKING:
+    from preftune.core.losses import LossPart, LossSpec
 
 JSON_HELP = "Print every number unrounded as JSON."
 LOG_HELP = "The numbers are log-probabilities (<= 0) instead of probabilities in (0, 1]."
 SWEEP_HELP = "START:STOP:N - print the loss for N betas from START to STOP and plot it (e.g. 0.1:5:50)."
 PLOT_HELP = "Where --beta-sweep writes its PNG plot."
 COMPARE_HELP = "With --beta-sweep: a second curve with this pi_ref(y_l) instead of --ref-rejected."
+INPUT_HELP = {
+    "policy_chosen": "pi(y_w | x): the policy's probability of the chosen response.",
+    "policy_rejected": "pi(y_l | x): the policy's probability of the rejected one.",
+    "ref_chosen": "pi_ref(y_w | x): the reference model's probability.",
+    "ref_rejected": "pi_ref(y_l | x): the reference model's probability.",
+}
+LENGTH_HELP = "Tokens in y_{} (1: the number already is per token)."
+REF_LENGTH_HELP = "Tokens in y_{} (only used by a per-token option such as --length-normalize)."
+_FIXED = ("log", "beta_sweep", "plot", "compare_ref_rejected", "as_json")
+
+
+class _LossGroup(TyperGroup):
+    """The `prefs loss` group: `reward` plus one command per LOSSES entry, added when first listed or called."""
+
+    def _add_registry(self) -> None:
+        if getattr(self, "_registry_added", False):
+            return
+        self._registry_added = True
+        from preftune.core.losses import LOSSES  # torch: only when a loss command is listed or run
+
+        for name, spec in LOSSES.items():
+            self.add_command(_click_command(name, spec), name)
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        self._add_registry()
+        return super().list_commands(ctx)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        self._add_registry()
+        return super().get_command(ctx, cmd_name)
+
+
+loss_app = typer.Typer(
+    cls=_LossGroup,
+    help="Compute a preference loss for one example and print its parts: the reward-model loss and every "
+         "DPO-family loss of the registry (preftune.core.losses.LOSSES).",
+    no_args_is_help=True,
+)
 
 
 def _f(x: float) -> str:
     return f"{x:.6f}"
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _g(value: Any) -> str:
+    return str(value) if isinstance(value, bool) else f"{value:g}"
 
 
 # ----------------------------------------------------------------------------------------- validation
@@ -71,14 +123,6 @@ def _parse_sweep(spec: str) -> list[float]:
     return [start + (stop - start) * i / (n - 1) for i in range(n)]
 
 
-def _library(fn: Any, *args: Any, field: str, **kwargs: Any) -> Any:
-    """Call a loss function; its ValueError (a bad hyperparameter) becomes a user error."""
-    try:
-        return fn(*args, **kwargs)
-    except ValueError as exc:
-        raise PreftuneError(str(exc), field=field) from None
-
-
 # -------------------------------------------------------------------------------------------- output
 
 
@@ -96,164 +140,178 @@ def _emit(title: str, rows: list[tuple[str, float, str]], data: dict[str, Any], 
     console.print(out)
 
 
-# ------------------------------------------------------------------------------- reference-based parts
+# ------------------------------------------------------------------------------------------- the parts
 
 
-def _reference_parts(name: str, lp: tuple[float, float, float, float], hp: dict[str, float]) -> dict[str, float]:
-    """Loss, implicit rewards and the loss's own parts for one example of a reference-based loss."""
+def _parts(name: str, spec: LossSpec, x: dict[str, Any], hp: dict[str, Any]) -> list[LossPart]:
+    """One example's rows: generic ones, then the loss's own (``spec.parts``, see LossSpec), then the loss."""
     import torch
 
-    from preftune.core import losses
+    from preftune.core.losses import LossPart, dpo_gradient_weight, preference_loss
 
-    fn = {"dpo": losses.dpo_loss, "ipo": losses.ipo_loss, "cdpo": losses.cdpo_loss}[name]
-    t = [torch.tensor([x], dtype=torch.float64) for x in lp]
-    out = _library(fn, *t, field="--label-smoothing" if "label_smoothing" in hp else "--beta", **hp)
-    beta = hp["beta"]
-    h = (lp[0] - lp[2]) - (lp[1] - lp[3])
+    t = {k: None if v is None else torch.tensor([float(v)], dtype=torch.float64) for k, v in x.items()}
+    try:
+        out = preference_loss(name, **t, **hp)
+    except ValueError as exc:  # a bad hyperparameter: name its option
+        field = next((_flag(k) for k in hp if str(exc).startswith(k)), None)
+        raise PreftuneError(str(exc), field=field) from None
     r_w, r_l = out.chosen_rewards.item(), out.rejected_rewards.item()
-    parts = {"loss": out.losses.item(), "log_ratio_chosen": lp[0] - lp[2], "log_ratio_rejected": lp[1] - lp[3],
-             "h": h, "reward_chosen": r_w, "reward_rejected": r_l, "margin": r_w - r_l,
-             "gradient_weight": losses.dpo_gradient_weight(out.chosen_rewards, out.rejected_rewards).item()}
-    if name == "ipo":
-        parts["target"] = 1.0 / (2.0 * beta)
-    if name == "cdpo":
-        z = torch.tensor(beta * h, dtype=torch.float64)
-        parts["dpo_term"] = -torch.nn.functional.logsigmoid(z).item()
-        parts["flipped_term"] = -torch.nn.functional.logsigmoid(-z).item()
-    return parts
-
-
-def _reference_rows(name: str, p: dict[str, float], hp: dict[str, float]) -> list[tuple[str, float, str]]:
-    rows = [("log pi/pi_ref (chosen)", p["log_ratio_chosen"], "log pi(y_w) - log pi_ref(y_w)"),
-            ("log pi/pi_ref (rejected)", p["log_ratio_rejected"], "log pi(y_l) - log pi_ref(y_l)"),
-            ("h", p["h"], "difference of the two log-ratios"),
-            ("r_w", p["reward_chosen"], "beta * log pi(y_w)/pi_ref(y_w)"),
-            ("r_l", p["reward_rejected"], "beta * log pi(y_l)/pi_ref(y_l)"),
-            ("margin", p["margin"], "r_w - r_l = beta * h")]
-    if name == "dpo":
-        rows.append(("gradient weight", p["gradient_weight"], "sigmoid(r_l - r_w)"))
-        rows.append(("loss", p["loss"], "-log sigmoid(r_w - r_l)"))
-    elif name == "ipo":
-        rows.append(("target", p["target"], "1 / (2 beta)"))
-        rows.append(("loss", p["loss"], "(h - 1/(2 beta))^2"))
+    b = "beta * " if "beta" in hp else ""  # the family's rewards: beta * log-ratio, beta * m (or without beta)
+    if spec.needs_reference:
+        cl, rl = x["policy_chosen_logps"] - x["ref_chosen_logps"], x["policy_rejected_logps"] - x["ref_rejected_logps"]
+        weight = dpo_gradient_weight(out.chosen_rewards, out.rejected_rewards).item()
+        rows = [LossPart("log_ratio_chosen", "log pi/pi_ref (chosen)", cl, "log pi(y_w) - log pi_ref(y_w)"),
+                LossPart("log_ratio_rejected", "log pi/pi_ref (rejected)", rl, "log pi(y_l) - log pi_ref(y_l)"),
+                LossPart("h", "h", cl - rl, "difference of the two log-ratios"),
+                LossPart("reward_chosen", "r_w", r_w, f"{b}log pi(y_w)/pi_ref(y_w)"),
+                LossPart("reward_rejected", "r_l", r_l, f"{b}log pi(y_l)/pi_ref(y_l)"),
+                LossPart("margin", "margin", r_w - r_l, f"r_w - r_l = {b}h"),
+                LossPart("gradient_weight", "gradient weight", weight, "sigmoid(r_l - r_w)", shown=False)]
     else:
-        eps = hp["label_smoothing"]
-        rows.append(("DPO term", p["dpo_term"], "-log sigmoid(beta h)"))
-        rows.append(("flipped term", p["flipped_term"], "-log sigmoid(-beta h)"))
-        rows.append(("loss", p["loss"], f"{1 - eps:g} * DPO term + {eps:g} * flipped"))
-    return rows
+        m_w, m_l = x["policy_chosen_logps"] / x["chosen_lengths"], x["policy_rejected_logps"] / x["rejected_lengths"]
+        rows = [LossPart("mean_logp_chosen", "m_w", m_w, "log pi(y_w) / |y_w| (mean token log-prob)"),
+                LossPart("mean_logp_rejected", "m_l", m_l, "log pi(y_l) / |y_l|"),
+                LossPart("reward_chosen", "r_w", r_w, f"{b}m_w"),
+                LossPart("reward_rejected", "r_l", r_l, f"{b}m_l"),
+                LossPart("margin", "margin", r_w - r_l, "r_w - r_l")]
+    table = {p.key: p for p in rows}
+    table["loss"] = LossPart("loss", "loss", out.losses.item(), spec.summary)
+    values = {**x, "loss": out.losses.item(), "reward_chosen": r_w, "reward_rejected": r_l}
+    for part in spec.parts(values, hp) if spec.parts else []:
+        table[part.key] = part  # a generic key keeps its place; a new one goes before the loss
+    loss = table.pop("loss")
+    return [*table.values(), loss]
 
 
-_SWEEP_NOTES = {
-    "dpo": r"$h > 0$ (the policy favours $y_w$ more than the reference does): the loss falls as $\beta$ grows;"
-           "\n" r"$h < 0$: it rises. Changing $\pi_{ref}(y_l)$ changes the sign of $h$ for the same policy.",
-    "ipo": r"IPO pulls $h$ towards $1/(2\beta)$: the loss is 0 at $\beta = 1/(2h)$ (only possible when $h > 0$)"
-           "\n" r"and grows again for larger $\beta$ instead of vanishing like DPO's.",
-    "cdpo": r"With label smoothing the flipped-label term grows like $\epsilon\beta|h|$,"
-            "\n" r"so even when $h > 0$ the loss has a finite best $\beta$.",
-}
+def _values(rows: list[LossPart]) -> dict[str, float]:
+    return {p.key: p.value for p in rows}
 
 
-def _sweep_plot(name: str, betas: list[float], curves: list[tuple[str, list[float]]], inputs: str,
-                path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7.5, 4.8), dpi=120)
-    for (label, values), style in zip(curves, ("-", "--"), strict=False):
-        ax.plot(betas, values, style, linewidth=2, label=label)
-    if name in ("dpo", "cdpo"):
-        ax.axhline(math.log(2), color="grey", linewidth=0.8, linestyle=":", label="log 2 (policy = reference)")
-    pretty = _pretty(name)
-    ax.set_xlabel(r"$\beta$")
-    ax.set_ylabel(f"{pretty} loss")
-    title = f"{pretty} loss vs $\\beta$  ({inputs})"
-    if len(curves) > 1:
-        title += "\n" + _SWEEP_NOTES[name]
-    ax.set_title(title, fontsize=9)
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=9, title=r"$h = \log\frac{\pi(y_w)}{\pi_{ref}(y_w)} - \log\frac{\pi(y_l)}{\pi_{ref}(y_l)}$",
-              title_fontsize=9)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
+# ----------------------------------------------------------------------------------------- one command
 
 
-def _pretty(name: str) -> str:
-    return "cDPO" if name == "cdpo" else name.upper()
-
-
-def _run_reference(name: str, *, values: tuple[float, float, float, float], log: bool, hp: dict[str, float],
-                   beta_sweep: str | None, plot: Path, compare_ref_rejected: float | None,
-                   as_json: bool) -> None:
-    fields = ("--policy-chosen", "--policy-rejected", "--ref-chosen", "--ref-rejected")
-    lp = tuple(_logp(v, log=log, field=f) for v, f in zip(values, fields, strict=True))
-    _positive(hp["beta"], "--beta")
-    inputs: dict[str, Any] = dict(zip(("policy_chosen", "policy_rejected", "ref_chosen", "ref_rejected"),
-                                      values, strict=True))
-    inputs["log"] = log
-    if compare_ref_rejected is not None and beta_sweep is None:
+def _run(name: str, spec: LossSpec, kw: dict[str, Any]) -> None:
+    """Validate the options of `prefs loss NAME`, then print the parts table or the beta sweep."""
+    log, hp = kw["log"], {k: kw[k] for k in spec.hparams}
+    inputs = ["policy_chosen", "policy_rejected", *(["ref_chosen", "ref_rejected"] if spec.needs_reference else [])]
+    x: dict[str, Any] = {f"{k}_logps": _logp(kw[k], log=log, field=_flag(k)) for k in inputs}
+    x.update(chosen_lengths=kw.get("chosen_length"), rejected_lengths=kw.get("rejected_length"))
+    for key in ("chosen_length", "rejected_length"):
+        if key in kw and kw[key] < 1:
+            raise PreftuneError(f"a token count must be >= 1, got {kw[key]}", field=_flag(key))
+    for key, value in hp.items():
+        if not isinstance(value, bool) and not math.isfinite(value):
+            raise PreftuneError(f"must be a finite number, got {value}", field=_flag(key))
+    if "beta" in hp:
+        _positive(hp["beta"], "--beta")
+    shown = {k: kw[k] for k in [*inputs, "chosen_length", "rejected_length"] if k in kw}
+    shown.update(log=log)
+    title = spec.title or name
+    if kw.get("compare_ref_rejected") is not None and kw.get("beta_sweep") is None:
         raise PreftuneError("only used with --beta-sweep", field="--compare-ref-rejected")
-    if beta_sweep is None:
-        parts = _reference_parts(name, lp, hp)  # type: ignore[arg-type]
-        title = f"{_pretty(name)} loss, " + ", ".join(f"{k} = {v:g}" for k, v in hp.items())
-        _emit(title, _reference_rows(name, parts, hp), {"loss_name": name, "inputs": {**inputs, **hp}, **parts},
-              as_json)
+    if kw.get("beta_sweep") is None:
+        rows = _parts(name, spec, x, hp)
+        heading = f"{title} loss, " + ", ".join(f"{k} = {_g(v)}" for k, v in hp.items() if v is not False)
+        _emit(heading.rstrip(", "), [(p.label, p.value, p.formula) for p in rows if p.shown],
+              {"loss_name": name, "inputs": {**shown, **hp}, **_values(rows)}, kw["as_json"])
         return
+    _sweep(name, spec, x, hp, kw, inputs={**shown, **hp})
 
-    betas = _parse_sweep(beta_sweep)
+
+def _sweep(name: str, spec: LossSpec, x: dict[str, Any], hp: dict[str, Any], kw: dict[str, Any], *,
+           inputs: dict[str, Any]) -> None:
+    """The loss for each beta of --beta-sweep (and --compare-ref-rejected), as a table or JSON, plus a PNG."""
+    from preftune import plots
+
+    betas, log, path = _parse_sweep(kw["beta_sweep"]), kw["log"], kw["plot"]
     rest = {k: v for k, v in hp.items() if k != "beta"}
+    inputs = {k: v for k, v in inputs.items() if k != "beta"}
     prob, tex = ("log pi", r"\log\pi") if log else ("pi", r"\pi")
-    variants = [(values[3], lp)]
-    if compare_ref_rejected is not None:
-        lp_cmp = (*lp[:3], _logp(compare_ref_rejected, log=log, field="--compare-ref-rejected"))
-        variants.append((compare_ref_rejected, lp_cmp))
+    variants = [(kw["ref_rejected"], x)]
+    if kw["compare_ref_rejected"] is not None:
+        lp = _logp(kw["compare_ref_rejected"], log=log, field="--compare-ref-rejected")
+        variants.append((kw["compare_ref_rejected"], {**x, "ref_rejected_logps": lp}))
     curves: list[tuple[str, list[float]]] = []
     series: list[dict[str, Any]] = []
-    for ref_rej, lps in variants:
-        losses = [_reference_parts(name, lps, {"beta": b, **rest})["loss"] for b in betas]
-        h = (lps[0] - lps[2]) - (lps[1] - lps[3])
-        curves.append((f"${tex}_{{ref}}(y_l)$ = {ref_rej:g}   ($h$ = {h:+.3f})", losses))
-        series.append({"ref_rejected": ref_rej, "h": h, "losses": losses})
-    shown = f"{prob}(y_w)={values[0]:g}, {prob}(y_l)={values[1]:g}, {prob}_ref(y_w)={values[2]:g}"
-    shown += "".join(f", {k}={v:g}" for k, v in rest.items())
-    shown_tex = ", ".join(f"${tex}{w}$={v:g}" for w, v in zip(("(y_w)", "(y_l)", "_{ref}(y_w)"), values, strict=False))
-    shown_tex += "".join(f", {k}={v:g}" for k, v in rest.items())
-    _sweep_plot(name, betas, curves, shown_tex, plot)
-    if as_json:
-        print_json({"loss_name": name, "inputs": {**inputs, **rest}, "beta": betas, "losses": series[0]["losses"],
-                    "h": series[0]["h"], "compare": series[1] if len(series) > 1 else None, "plot": str(plot)})
+    for ref_rejected, xv in variants:
+        per_beta = [_values(_parts(name, spec, xv, {**hp, "beta": b})) for b in betas]
+        losses, h = [p["loss"] for p in per_beta], per_beta[0]["h"]
+        curves.append((f"${tex}_{{ref}}(y_l)$ = {ref_rejected:g}   ($h$ = {h:+.3f})", losses))
+        series.append({"ref_rejected": ref_rejected, "h": h, "losses": losses})
+    # the loss when policy = reference (h = 0): a dotted line when it does not depend on beta (log 2 for DPO)
+    zero = {**x, **{k: 0.0 for k in ("policy_chosen_logps", "policy_rejected_logps", "ref_chosen_logps",
+                                     "ref_rejected_logps")}}
+    level = [_values(_parts(name, spec, zero, {**hp, "beta": b}))["loss"] for b in (betas[0], betas[-1])]
+    extra = "".join(f", {k}={_g(v)}" for k, v in rest.items() if v is not False)
+    values = (kw["policy_chosen"], kw["policy_rejected"], kw["ref_chosen"])
+    shown = f"{prob}(y_w)={values[0]:g}, {prob}(y_l)={values[1]:g}, {prob}_ref(y_w)={values[2]:g}" + extra
+    shown_tex = ", ".join(f"${tex}{w}$={v:g}" for w, v in zip(("(y_w)", "(y_l)", "_{ref}(y_w)"), values, strict=True))
+    plots.beta_sweep(betas, curves, path, loss=name, title=spec.title or name, inputs=shown_tex + extra,
+                     at_reference=level[0] if math.isclose(level[0], level[1], abs_tol=1e-12) else None)
+    if kw["as_json"]:
+        print_json({"loss_name": name, "inputs": inputs, "beta": betas, "losses": series[0]["losses"],
+                    "h": series[0]["h"], "compare": series[1] if len(series) > 1 else None, "plot": str(path)})
         return
-    out = Table(title=f"{_pretty(name)} loss vs beta ({shown})")
+    out = Table(title=f"{spec.title or name} loss vs beta ({shown})")
     out.add_column("beta", justify="right")
     for s in series:
         out.add_column(f"loss, {prob}_ref(y_l) = {s['ref_rejected']:g}", justify="right")
     for i, b in enumerate(betas):
         out.add_row(_f(b), *(_f(s["losses"][i]) for s in series))
     console.print(out)
-    console.print(f"plot written to {plot}")
+    console.print(f"plot written to {path}")
 
 
-# ------------------------------------------------------------------------------------------- commands
+# ------------------------------------------------------------------------------------ building commands
 
 
-def _pc() -> Any:
-    return typer.Option(..., "--policy-chosen", help="pi(y_w | x): the policy's probability of the chosen response.")
+def _option(name: str, annotation: Any, default: Any, decl: str, help: str) -> inspect.Parameter:
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation,
+                             default=typer.Option(default, decl, help=help))
 
 
-def _pr() -> Any:
-    return typer.Option(..., "--policy-rejected", help="pi(y_l | x): the policy's probability of the rejected one.")
+def _parameters(name: str, spec: LossSpec) -> list[inspect.Parameter]:
+    """The options of `prefs loss NAME`: inputs, one per hyperparameter, --log, the sweep's, --json."""
+    inputs = ["policy_chosen", "policy_rejected", *(["ref_chosen", "ref_rejected"] if spec.needs_reference else [])]
+    params = [_option(k, float, ..., _flag(k), INPUT_HELP[k]) for k in inputs]
+    if not spec.needs_reference or spec.takes_lengths:
+        text = REF_LENGTH_HELP if spec.needs_reference else LENGTH_HELP
+        params += [_option(f"{side}_length", int, 1, f"--{side}-length", text.format(w))
+                   for side, w in (("chosen", "w"), ("rejected", "l"))]
+    for key, default in spec.hparams.items():
+        if key in _FIXED or key in INPUT_HELP:
+            raise RuntimeError(f"loss '{name}': hyperparameter '{key}' clashes with an option of `prefs loss`")
+        help = spec.hparam_help.get(key, f"Hyperparameter {key} of the loss (see its formula).")
+        if isinstance(default, bool):
+            params.append(_option(key, bool, default, f"{_flag(key)}/--no-{key.replace('_', '-')}", help))
+        else:
+            params.append(_option(key, float, default, _flag(key), help))
+    params.append(_option("log", bool, False, "--log", LOG_HELP))
+    if spec.needs_reference and "beta" in spec.hparams:
+        params += [_option("beta_sweep", str, None, "--beta-sweep", SWEEP_HELP),
+                   _option("plot", Path, Path("beta_sweep.png"), "--plot", PLOT_HELP),
+                   _option("compare_ref_rejected", float, None, "--compare-ref-rejected", COMPARE_HELP)]
+    return [*params, _option("as_json", bool, False, "--json", JSON_HELP)]
 
 
-def _rc() -> Any:
-    return typer.Option(..., "--ref-chosen", help="pi_ref(y_w | x): the reference model's probability.")
+def _click_command(name: str, spec: LossSpec) -> click.Command:
+    """`prefs loss NAME` as a click command: a function whose signature typer reads the options from."""
+    params = _parameters(name, spec)
+
+    def command(**kw: Any) -> None:
+        _run(name, spec, kw)
+
+    command.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+    command.__annotations__ = {p.name: p.annotation for p in params}
+    inputs = "pi and pi_ref of y_w and y_l" if spec.needs_reference else "pi(y_w), pi(y_l) and their token counts"
+    command.__doc__ = (f"{spec.title or name} loss: {spec.summary}.\n\nInputs: {inputs} (probabilities, or "
+                       "log-probabilities with --log).")
+    app = typer.Typer(add_completion=False)
+    app.command(name)(handle_errors(command))
+    return typer.main.get_command(app)
 
 
-def _rr() -> Any:
-    return typer.Option(..., "--ref-rejected", help="pi_ref(y_l | x): the reference model's probability.")
+# ------------------------------------------------------------------------------ the reward-model loss
 
 
 @loss_app.command("reward")
@@ -267,7 +325,7 @@ def reward(
     """Bradley-Terry reward-model loss -log sigmoid(r_w - r_l [- m]) (InstructGPT Eq. 1, Llama 2 Eq. 2)."""
     import torch
 
-    from preftune.core.losses import bradley_terry_loss
+    from preftune.core.reward_losses import bradley_terry_loss
 
     for v, f in ((chosen, "--chosen"), (rejected, "--rejected"), (margin or 0.0, "--margin")):
         if not math.isfinite(v):
@@ -284,149 +342,4 @@ def reward(
         rows.append(("margin", m, "m"))
     rows.append(("loss", loss, "-log sigmoid(r_w - r_l - m)" if margin is not None else "-log sigmoid(r_w - r_l)"))
     _emit("Reward-model (Bradley-Terry) loss", rows, data, as_json)
-
-
-@loss_app.command("dpo")
-@handle_errors
-def dpo(
-    policy_chosen: float = _pc(), policy_rejected: float = _pr(), ref_chosen: float = _rc(),
-    ref_rejected: float = _rr(),
-    beta: float = typer.Option(0.1, "--beta", help="KL strength beta (> 0)."),
-    log: bool = typer.Option(False, "--log", help=LOG_HELP),
-    beta_sweep: str = typer.Option(None, "--beta-sweep", help=SWEEP_HELP),
-    plot: Path = typer.Option(Path("beta_sweep.png"), "--plot", help=PLOT_HELP),
-    compare_ref_rejected: float = typer.Option(None, "--compare-ref-rejected", help=COMPARE_HELP),
-    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
-) -> None:
-    """DPO loss -log sigmoid(r_w - r_l), r = beta log pi/pi_ref (Rafailov et al. 2023, Eq. 7)."""
-    _run_reference("dpo", values=(policy_chosen, policy_rejected, ref_chosen, ref_rejected), log=log,
-                   hp={"beta": beta}, beta_sweep=beta_sweep, plot=plot, compare_ref_rejected=compare_ref_rejected,
-                   as_json=as_json)
-
-
-@loss_app.command("ipo")
-@handle_errors
-def ipo(
-    policy_chosen: float = _pc(), policy_rejected: float = _pr(), ref_chosen: float = _rc(),
-    ref_rejected: float = _rr(),
-    beta: float = typer.Option(0.1, "--beta", help="Regularisation beta (tau in the paper, > 0)."),
-    log: bool = typer.Option(False, "--log", help=LOG_HELP),
-    beta_sweep: str = typer.Option(None, "--beta-sweep", help=SWEEP_HELP),
-    plot: Path = typer.Option(Path("beta_sweep.png"), "--plot", help=PLOT_HELP),
-    compare_ref_rejected: float = typer.Option(None, "--compare-ref-rejected", help=COMPARE_HELP),
-    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
-) -> None:
-    """IPO loss (h - 1/(2 beta))^2, h = difference of log-ratios (Azar et al. 2023, Eq. 17)."""
-    _run_reference("ipo", values=(policy_chosen, policy_rejected, ref_chosen, ref_rejected), log=log,
-                   hp={"beta": beta}, beta_sweep=beta_sweep, plot=plot, compare_ref_rejected=compare_ref_rejected,
-                   as_json=as_json)
-
-
-@loss_app.command("cdpo")
-@handle_errors
-def cdpo(
-    policy_chosen: float = _pc(), policy_rejected: float = _pr(), ref_chosen: float = _rc(),
-    ref_rejected: float = _rr(),
-    beta: float = typer.Option(0.1, "--beta", help="KL strength beta (> 0)."),
-    label_smoothing: float = typer.Option(0.1, "--label-smoothing", help="eps: probability a label is flipped."),
-    log: bool = typer.Option(False, "--log", help=LOG_HELP),
-    beta_sweep: str = typer.Option(None, "--beta-sweep", help=SWEEP_HELP),
-    plot: Path = typer.Option(Path("beta_sweep.png"), "--plot", help=PLOT_HELP),
-    compare_ref_rejected: float = typer.Option(None, "--compare-ref-rejected", help=COMPARE_HELP),
-    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
-) -> None:
-    """Conservative DPO: (1 - eps) DPO loss + eps DPO loss with the labels swapped (Mitchell 2023)."""
-    _run_reference("cdpo", values=(policy_chosen, policy_rejected, ref_chosen, ref_rejected), log=log,
-                   hp={"beta": beta, "label_smoothing": label_smoothing}, beta_sweep=beta_sweep, plot=plot,
-                   compare_ref_rejected=compare_ref_rejected, as_json=as_json)
-
-
-def _reference_free(name: str, *, pc: float, pr: float, nc: int, nr: int, log: bool,
-                    hp: dict[str, float]) -> tuple[dict[str, Any], Any]:
-    """Validate the inputs of orpo / simpo and run the loss; returns (inputs, output, mean log-probs)."""
-    import torch
-
-    from preftune.core import losses
-
-    lp_c = _logp(pc, log=log, field="--policy-chosen")
-    lp_r = _logp(pr, log=log, field="--policy-rejected")
-    for n, f in ((nc, "--chosen-length"), (nr, "--rejected-length")):
-        if n < 1:
-            raise PreftuneError(f"a token count must be >= 1, got {n}", field=f)
-    _positive(hp["beta"], "--beta")
-    t = [torch.tensor([x], dtype=torch.float64) for x in (lp_c, lp_r, nc, nr)]
-    fn = {"orpo": losses.orpo_loss, "simpo": losses.simpo_loss}[name]
-    out = _library(fn, *t, field="--beta", **hp)
-    inputs = {"policy_chosen": pc, "policy_rejected": pr, "chosen_length": nc, "rejected_length": nr, "log": log,
-              **hp}
-    return inputs, (out, lp_c / nc, lp_r / nr)
-
-
-def _nc() -> Any:
-    return typer.Option(1, "--chosen-length", help="Tokens in y_w (1: the number already is per token).")
-
-
-def _nr() -> Any:
-    return typer.Option(1, "--rejected-length", help="Tokens in y_l (1: the number already is per token).")
-
-
-@loss_app.command("orpo")
-@handle_errors
-def orpo(
-    policy_chosen: float = _pc(), policy_rejected: float = _pr(), chosen_length: int = _nc(),
-    rejected_length: int = _nr(),
-    beta: float = typer.Option(0.1, "--beta", help="Weight lambda of the odds-ratio term (> 0)."),
-    log: bool = typer.Option(False, "--log", help=LOG_HELP),
-    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
-) -> None:
-    """ORPO loss -m_w + beta * -log sigmoid(log odds(y_w) - log odds(y_l)), m = log pi / length (Hong et al. 2024)."""
-    from preftune.core.losses import log1mexp
-
-    inputs, (out, m_w, m_l) = _reference_free("orpo", pc=policy_chosen, pr=policy_rejected, nc=chosen_length,
-                                              nr=rejected_length, log=log, hp={"beta": beta})
-    import torch
-
-    mt = torch.tensor([m_w, m_l], dtype=torch.float64)
-    log_odds = (mt - log1mexp(mt)).tolist()
-    ratio = log_odds[0] - log_odds[1]
-    l_or = -torch.nn.functional.logsigmoid(torch.tensor(ratio, dtype=torch.float64)).item()
-    data = {"loss_name": "orpo", "inputs": inputs, "mean_logp_chosen": m_w, "mean_logp_rejected": m_l,
-            "log_odds_chosen": log_odds[0], "log_odds_rejected": log_odds[1], "log_odds_ratio": ratio,
-            "nll": -m_w, "odds_ratio_loss": l_or, "reward_chosen": out.chosen_rewards.item(),
-            "reward_rejected": out.rejected_rewards.item(), "loss": out.losses.item()}
-    rows = [("m_w", m_w, "log pi(y_w) / |y_w| (mean token log-prob)"),
-            ("m_l", m_l, "log pi(y_l) / |y_l|"),
-            ("log odds(y_w)", log_odds[0], "m_w - log(1 - exp(m_w))"),
-            ("log odds(y_l)", log_odds[1], "m_l - log(1 - exp(m_l))"),
-            ("log odds ratio", ratio, "log odds(y_w) - log odds(y_l)"),
-            ("NLL (SFT term)", -m_w, "-m_w"),
-            ("L_OR", l_or, "-log sigmoid(log odds ratio)"),
-            ("r_w", data["reward_chosen"], "beta * m_w (as TRL logs it)"),
-            ("r_l", data["reward_rejected"], "beta * m_l"),
-            ("loss", data["loss"], "NLL + beta * L_OR")]
-    _emit(f"ORPO loss, beta = {beta:g}", rows, data, as_json)
-
-
-@loss_app.command("simpo")
-@handle_errors
-def simpo(
-    policy_chosen: float = _pc(), policy_rejected: float = _pr(), chosen_length: int = _nc(),
-    rejected_length: int = _nr(),
-    beta: float = typer.Option(2.0, "--beta", help="Reward scale beta (> 0)."),
-    gamma: float = typer.Option(0.5, "--gamma", help="Target reward margin gamma."),
-    log: bool = typer.Option(False, "--log", help=LOG_HELP),
-    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
-) -> None:
-    """SimPO loss -log sigmoid(beta m_w - beta m_l - gamma), m = log pi / length (Meng et al. 2024, Eq. 6)."""
-    inputs, (out, m_w, m_l) = _reference_free("simpo", pc=policy_chosen, pr=policy_rejected, nc=chosen_length,
-                                              nr=rejected_length, log=log, hp={"beta": beta, "gamma": gamma})
-    r_w, r_l = out.chosen_rewards.item(), out.rejected_rewards.item()
-    data = {"loss_name": "simpo", "inputs": inputs, "mean_logp_chosen": m_w, "mean_logp_rejected": m_l,
-            "reward_chosen": r_w, "reward_rejected": r_l, "margin": r_w - r_l, "margin_minus_gamma": r_w - r_l - gamma,
-            "loss": out.losses.item()}
-    rows = [("m_w", m_w, "log pi(y_w) / |y_w|"), ("m_l", m_l, "log pi(y_l) / |y_l|"),
-            ("r_w", r_w, "beta * m_w"), ("r_l", r_l, "beta * m_l"), ("margin", r_w - r_l, "r_w - r_l"),
-            ("margin - gamma", r_w - r_l - gamma, "r_w - r_l - gamma"),
-            ("loss", data["loss"], "-log sigmoid(r_w - r_l - gamma)")]
-    _emit(f"SimPO loss, beta = {beta:g}, gamma = {gamma:g}", rows, data, as_json)
 

@@ -15,7 +15,6 @@ also carries ``raw_score``.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -25,36 +24,20 @@ from preftune.cli._common import console, handle_errors
 from preftune.errors import PreftuneError
 
 
-def _first_record(path: Path) -> dict[str, Any] | None:
-    """The first JSON object of a JSONL file (None for other files: they are preference data)."""
-    if path.suffix.lower() not in (".jsonl", ".ndjson") or not path.is_file():
-        return None
-    with path.open(encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError:
-                    return None
-                return record if isinstance(record, dict) else None
-    return None
-
-
 def read_rows(path: Path) -> tuple[str, list[dict[str, Any]]]:
-    """("generations" | "preferences", rows): each row has prompt, response and what to write with it."""
-    first = _first_record(path)
-    if first is not None and "completion" in first and "label" not in first:
+    """("generations" | "preferences", rows): each row has prompt, response and what to write with it.
+    A JSONL file whose first record has ``completion`` (and no ``label``) is generations."""
+    from preftune.data.jsonl import read_jsonl
+
+    records = read_jsonl(path) if path.suffix.lower() in (".jsonl", ".ndjson") else []
+    if records and "completion" in records[0][1] and "label" not in records[0][1]:
         rows = []
-        with path.open(encoding="utf-8") as f:
-            for number, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                record = json.loads(line)
-                for key in ("prompt", "completion"):
-                    if key not in record:
-                        raise PreftuneError(f"missing field '{key}'", path=str(path), line=number, field=key,
-                                            hint="generations need prompt and completion (preftune generate)")
-                rows.append({"prompt": record["prompt"], "response": record["completion"], "out": record})
+        for number, record in records:
+            for key in ("prompt", "completion"):
+                if key not in record:
+                    raise PreftuneError(f"missing field '{key}'", path=str(path), line=number, field=key,
+                                        hint="generations need prompt and completion (preftune generate)")
+            rows.append({"prompt": record["prompt"], "response": record["completion"], "out": record})
         return "generations", rows
     from preftune.data import load_preferences
 
@@ -109,6 +92,7 @@ def score_command(
     """Score responses with a reward model; prints the accuracy for preference data."""
     import torch
 
+    from preftune.data.jsonl import write_jsonl
     from preftune.models import load_reward_model, load_tokenizer, score_texts
 
     for path in (data, normalize_on):
@@ -131,13 +115,8 @@ def score_command(
     if normalize_on is not None:
         _, _, reference = run(normalize_on)
         offset = sum(reference) / len(reference)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    with output.open("w", encoding="utf-8") as f:
-        for row, score in zip(rows, scores, strict=True):
-            line = {**row["out"], "score": score - offset}
-            if normalize_on is not None:
-                line["raw_score"] = score
-            f.write(json.dumps(line, ensure_ascii=False) + "\n")
+    write_jsonl(output, [{**row["out"], "score": score - offset, **({"raw_score": score} if normalize_on else {})}
+                         for row, score in zip(rows, scores, strict=True)])
     shifted = [s - offset for s in scores]
     mean = sum(shifted) / len(shifted)
     console.print(f"scored {len(rows)} responses ({kind}) -> {output}; mean score {mean:.4f}"

@@ -83,28 +83,46 @@ def keys_command(
         console.print(table)
 
 
-def _markdown(method: str | None) -> None:
-    """Markdown tables: one method's every key, or the shared keys once and then each method's own."""
+def markdown_sections() -> list[tuple[str, str]]:
+    """(heading, Markdown table) for the docs: the keys of every method, then the keys a group of methods
+    shares (a config base such as the online methods'), then each method's own keys and defaults."""
     from preftune.train.base import TrainConfig
 
-    def table(infos: list[KeyInfo]) -> None:
-        typer.echo("| key | type | default | help |\n|---|---|---|---|")
-        for i in infos:
-            choices = f" ({', '.join(i.choices)})" if i.choices else ""
-            cells = [f"`{i.name}`", i.type.replace(" | ", " or "), f"`{format_value(i.default)}`", i.help + choices]
-            typer.echo("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    def base_of(cls: type) -> type:
+        return next(b for b in cls.__mro__[1:] if issubclass(b, TrainConfig))
 
-    if method:
-        typer.echo(f"### `preftune train {method}`\n")
-        table(keys(METHODS[method].config))
-        return
-    shared = {i.name: i for i in keys(TrainConfig)}
-    typer.echo("### Keys of every training command\n")
-    table(list(shared.values()))
+    def differing(cls: type, base: type) -> list[KeyInfo]:
+        inherited = {i.name: i for i in keys(base)}
+        return [i for i in keys(cls) if inherited.get(i.name) != i]
+
+    sections = [("Keys of every training command", _markdown_table(keys(TrainConfig)))]
+    groups: dict[type, list[str]] = {}
     for name, spec in METHODS.items():
-        own = [i for i in keys(spec.config) if i.name not in shared or i.default != shared[i.name].default]
-        typer.echo(f"\n### `preftune train {name}`: its own keys and defaults\n")
-        table(own)
+        if base_of(spec.config) is not TrainConfig:
+            groups.setdefault(base_of(spec.config), []).append(name)
+    for base, names in groups.items():
+        sections.append((f"Keys shared by {', '.join(names)}", _markdown_table(differing(base, TrainConfig))))
+    for name, spec in METHODS.items():
+        sections.append((f"`preftune train {name}`: its own keys and defaults",
+                         _markdown_table(differing(spec.config, base_of(spec.config)))))
+    return sections
+
+
+def _markdown_table(infos: list[KeyInfo]) -> str:
+    rows = ["| key | type | default | help |", "|---|---|---|---|"]
+    for i in infos:
+        choices = f" ({', '.join(i.choices)})" if i.choices else ""
+        cells = [f"`{i.name}`", i.type.replace(" | ", " or "), f"`{format_value(i.default)}`", i.help + choices]
+        rows.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    return "\n".join(rows)
+
+
+def _markdown(method: str | None) -> None:
+    """Markdown tables: one method's every key, or the sections of ``markdown_sections``."""
+    if method:
+        typer.echo(f"### `preftune train {method}`\n\n{_markdown_table(keys(METHODS[method].config))}")
+        return
+    typer.echo("\n\n".join(f"### {heading}\n\n{table}" for heading, table in markdown_sections()))
 
 
 def _raise(exc: Exception) -> None:
