@@ -54,7 +54,7 @@ def test_function_judge_counts_and_win_rate_by_hand():
     assert markdown_table(res) == (
         "| # | prompt | A | B | W | T | L |\n|---|---|---|---|---|---|---|\n"
         "| 1 | prompt 1 | W | T | 1 | 1 | 0 |\n| 2 | prompt 2 | L | W | 1 | 0 | 1 |\n"
-        "| | **total** |  |  | 2 | 1 | 1 |")
+        "|  | **total** |  |  | 2 | 1 | 1 |")
     d = res.to_dict()
     assert d["win_rate"] == res.win_rate and d["n"] == 4 and "candidate" in d["verdict_meaning"]
 
@@ -196,10 +196,13 @@ def test_three_models_ranked_by_bradley_terry():
 def test_write_report_files(tmp_path):
     res = compare_generations(BASE, CAND, FunctionJudge(by_length), n_bootstrap=100)
     paths = write_report(res, tmp_path / "cmp")
-    assert {p.name for p in paths} == {"comparison.json", "comparison.md", "wtl_dpo_vs_sft.png", "lengths.png"}
+    assert {p.name for p in paths} == {"comparison.json", "comparison.md", "comparison.html", "wtl_dpo_vs_sft.png",
+                                       "lengths.png"}
     data = json.loads((tmp_path / "cmp" / "comparison.json").read_text())
     assert data["win_rate"] == res.win_rate and data["wins"] == 2
     assert "| 1 | prompt 1 | W | T | 1 | 1 | 0 |" in (tmp_path / "cmp" / "comparison.md").read_text()
+    page = (tmp_path / "cmp" / "comparison.html").read_text()
+    assert "<td>prompt 1</td><td>W</td><td>T</td>" in page and "data:image/png;base64," in page
     assert all(p.stat().st_size > 0 for p in paths)
 
 

@@ -27,8 +27,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from preftune.data.jsonl import read_jsonl
+from preftune.data.prompts import prompt_text
 from preftune.errors import PreftuneError
-from preftune.generate import prompt_text
+from preftune.report import Doc
 
 VERDICT = {1: "W", 0: "L", None: "T"}  # judge choice (pairs are (baseline, candidate)) -> verdict letter
 SCORE = {"W": 1.0, "T": 0.5, "L": 0.0}
@@ -112,19 +114,9 @@ def length_controlled_win_rate(verdicts: Sequence[str], length_diffs: Sequence[f
 def read_generations(path: str | Path) -> list[dict[str, Any]]:
     """Read a ``preftune generate`` JSONL file, checking each record's fields (errors name file and line)."""
     path = Path(path)
-    if not path.is_file():
-        raise PreftuneError("file not found", path=str(path), hint="give a JSONL file written by preftune generate")
     records: list[dict[str, Any]] = []
     seen: dict[tuple[int, str], int] = {}
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise PreftuneError(f"not valid JSON ({exc.msg})", path=str(path), line=lineno) from None
-        if not isinstance(rec, dict):
-            raise PreftuneError("expected a JSON object", path=str(path), line=lineno)
+    for lineno, rec in read_jsonl(path, missing_hint="give a JSONL file written by preftune generate"):
         for key, kind in (("prompt_id", int), ("completion_id", str), ("completion", str), ("prompt", (str, list))):
             if key not in rec:
                 raise PreftuneError("missing field", path=str(path), line=lineno, field=key,
@@ -346,44 +338,49 @@ def summary_lines(res: ComparisonResult) -> list[str]:
     return lines + res.notes
 
 
-def markdown_table(res: ComparisonResult) -> str:
+def _verdict_table(doc: Doc, res: ComparisonResult) -> None:
     """The course's table: one row per prompt, one column per completion id, then the counts."""
     ids = sorted({r["completion_id"] for r in res.rows}, key=lambda c: (len(c), c))
-    head = "| # | prompt | " + " | ".join(ids) + " | W | T | L |"
-    lines = [head, "|" + "---|" * (len(ids) + 5)]
-    for p in res.per_prompt():
-        cells = [p["verdicts"].get(c, "") for c in ids]
-        prompt = _short(p["prompt"]).replace("|", "\\|")
-        lines.append(f"| {p['prompt_id']} | {prompt} | " + " | ".join(cells)
-                     + f" | {p['wins']} | {p['ties']} | {p['losses']} |")
-    lines.append("| | **total** | " + " | ".join("" for _ in ids) + f" | {res.wins} | {res.ties} | {res.losses} |")
-    return "\n".join(lines)
+    rows = [[p["prompt_id"], _short(p["prompt"]), *(p["verdicts"].get(c, "") for c in ids), p["wins"], p["ties"],
+             p["losses"]] for p in res.per_prompt()]
+    rows.append(["", "**total**", *("" for _ in ids), res.wins, res.ties, res.losses])
+    doc.table(["#", "prompt", *ids, "W", "T", "L"], rows)
 
 
-def to_markdown(result: ComparisonResult | MultiComparison) -> str:
+def markdown_table(res: ComparisonResult) -> str:
+    """The verdict table alone, as Markdown."""
+    doc = Doc()
+    _verdict_table(doc, res)
+    return doc.markdown(Path(".")).rstrip("\n")
+
+
+def report_doc(result: ComparisonResult | MultiComparison, directory: Path) -> Doc:
+    """The comparison report: conventions, the ranking (several models), then per pair of models the
+    headline numbers, the verdict table and the plots written beside it."""
     pairs = result.pairs if isinstance(result, MultiComparison) else [result]
-    out = ["# Comparison", "",
-           "The first file is the baseline. Each verdict is for the candidate: W = the candidate won, "
-           "T = tie, L = the baseline won. Win rate = (W + T/2) / n; its 95% interval is a percentile "
-           "bootstrap that resamples prompts (clustered). The length-controlled win rate is sigmoid(b0) of "
-           "a logistic fit of the verdicts on the standardised length difference: the predicted win rate "
-           "at equal lengths.", ""]
+    doc = Doc()
+    doc.h(1, "Comparison")
+    doc.p("The first file is the baseline. Each verdict is for the candidate: W = the candidate won, "
+          "T = tie, L = the baseline won. Win rate = (W + T/2) / n; its 95% interval is a percentile "
+          "bootstrap that resamples prompts (clustered). The length-controlled win rate is sigmoid(b0) of "
+          "a logistic fit of the verdicts on the standardised length difference: the predicted win rate "
+          "at equal lengths.")
     if isinstance(result, MultiComparison):
-        out += ["## Bradley-Terry ranking", "", "| rank | model | strength | 95% CI | W | T | L |",
-                "|---|---|---|---|---|---|---|"]
-        for p in result.ranking.to_dict()["players"]:
-            ci = _fmt_ci((p["ci_low"], p["ci_high"]) if p["ci_low"] is not None else None)
-            out.append(f"| {p['rank']} | {p['name']} | {p['strength']:.3f} | {ci} | {p['wins']} | {p['ties']} "
-                       f"| {p['losses']} |")
-        out.append("")
+        doc.h(2, "Bradley-Terry ranking")
+        players = result.ranking.to_dict()["players"]
+        doc.table(["rank", "model", "strength", "95% CI", "W", "T", "L"], [
+            [p["rank"], p["name"], f"{p['strength']:.3f}",
+             _fmt_ci((p["ci_low"], p["ci_high"]) if p["ci_low"] is not None else None), p["wins"], p["ties"],
+             p["losses"]] for p in players])
     for res in pairs:
-        out += [f"## {res.candidate} vs {res.baseline}", ""] + [f"- {line}" for line in summary_lines(res)]
-        out += ["", markdown_table(res), ""]
-        out += [f"![win/tie/loss per prompt]({wtl_name(res)})", ""]
-    out += ["![completion lengths](lengths.png)", ""]
+        doc.h(2, f"{res.candidate} vs {res.baseline}")
+        doc.ul(summary_lines(res))
+        _verdict_table(doc, res)
+        doc.image(directory / wtl_name(res), "win/tie/loss per prompt")
+    doc.image(directory / "lengths.png", "completion lengths")
     if isinstance(result, MultiComparison):
-        out += ["![ranking](ranking.png)", ""]
-    return "\n".join(out)
+        doc.image(directory / "ranking.png", "ranking")
+    return doc
 
 
 def wtl_name(res: ComparisonResult) -> str:
@@ -392,15 +389,15 @@ def wtl_name(res: ComparisonResult) -> str:
 
 
 def write_report(result: ComparisonResult | MultiComparison, out_dir: str | Path) -> list[Path]:
-    """Write comparison.json (everything, unrounded), comparison.md and the PNG plots; return the paths."""
+    """Write comparison.json (everything, unrounded), the PNG plots, and comparison.md and comparison.html
+    (one report, ``preftune.report``); return the paths."""
     from preftune import plots
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     pairs = result.pairs if isinstance(result, MultiComparison) else [result]
-    written = [out / "comparison.json", out / "comparison.md"]
+    written = [out / "comparison.json"]
     written[0].write_text(json.dumps(result.to_dict(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    written[1].write_text(to_markdown(result), encoding="utf-8")
     for res in pairs:
         per = res.per_prompt()
         written.append(plots.wtl_bars([f"{p['prompt_id']}: {_short(p['prompt'], 28)}" for p in per],
@@ -416,4 +413,4 @@ def write_report(result: ComparisonResult | MultiComparison, out_dir: str | Path
         fit = result.ranking
         written.append(plots.interval_plot(fit.names, fit.strengths, fit.ci_low, fit.ci_high, out / "ranking.png",
                                            xlabel="Bradley-Terry log-strength", title="Ranking"))
-    return written
+    return written + report_doc(result, out).write(out, "comparison", title="preftune comparison")

@@ -96,7 +96,7 @@ def generate_completions(model: Any, tokenizer: Any, prompts: Sequence[Prompt], 
     completions: list[str] = []
     model.eval()
     try:
-        with _progress(len(rows), "generating", enabled=progress) as advance, torch.no_grad():
+        with progress_bar(len(rows), "generating", enabled=progress) as advance, torch.no_grad():
             for start in range(0, len(rows), batch_size):
                 batch = rows[start:start + batch_size]
                 enc = tokenizer([texts[i] for i, _ in batch], return_tensors="pt", padding=True,
@@ -156,7 +156,7 @@ def generate_with_vllm(model_path: str, prompts: Sequence[Prompt], *, num: int,
     return _records(prompts, rows, completions, name=model_path, settings=settings)
 
 
-class _progress:
+class progress_bar:
     """A rich progress bar over ``total`` rows (silent when disabled); yields ``advance(n)``."""
 
     def __init__(self, total: int, label: str, *, enabled: bool) -> None:

@@ -5,6 +5,7 @@ matplotlib is imported when a function is called, so importing this module costs
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -162,4 +163,43 @@ def frontier_plot(points: Sequence[Mapping[str, Any]], path: str | Path, *, titl
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small", frameon=False)
+    return save(fig, path)
+
+
+# What a second curve (--compare-ref-rejected) shows, per loss: the title's second line in beta_sweep.
+BETA_SWEEP_NOTES = {
+    "dpo": r"$h > 0$ (the policy favours $y_w$ more than the reference does): the loss falls as $\beta$ grows;"
+           "\n" r"$h < 0$: it rises. Changing $\pi_{ref}(y_l)$ changes the sign of $h$ for the same policy.",
+    "ipo": r"IPO pulls $h$ towards $1/(2\beta)$: the loss is 0 at $\beta = 1/(2h)$ (only possible when $h > 0$)"
+           "\n" r"and grows again for larger $\beta$ instead of vanishing like DPO's.",
+    "cdpo": r"With label smoothing the flipped-label term grows like $\epsilon\beta|h|$,"
+            "\n" r"so even when $h > 0$ the loss has a finite best $\beta$.",
+    "hinge": r"The hinge is $1 - \beta h$ until $\beta h$ reaches 1: for $h > 0$ it is 0 from $\beta = 1/h$ on;"
+             "\n" r"for $h < 0$ it grows linearly in $\beta$.",
+    "robust": r"rDPO is the DPO loss minus $\epsilon\beta h/(1 - 2\epsilon)$: for $h > 0$ it keeps falling (in the end"
+              "\n" r"below 0), with no finite best $\beta$; for $h < 0$ it rises faster than DPO's.",
+}
+
+
+def beta_sweep(betas: Sequence[float], curves: Sequence[tuple[str, Sequence[float]]], path: str | Path, *,
+               loss: str, title: str, inputs: str, at_reference: float | None = None) -> Path:
+    """A loss against beta (``preftune prefs loss NAME --beta-sweep``): one line per curve (label, losses),
+    solid then dashed. ``at_reference`` is the loss when policy = reference (h = 0) if it does not depend on
+    beta (log 2 for DPO), drawn dotted. With two or more curves the title adds ``BETA_SWEEP_NOTES[loss]``."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    for k, (label, values) in enumerate(curves):
+        ax.plot(betas, values, ("-", "--", "-.", ":")[k % 4], linewidth=2, label=label)
+    if at_reference is not None:
+        level = "log 2" if math.isclose(at_reference, math.log(2)) else f"{at_reference:g}"
+        ax.axhline(at_reference, color="grey", linewidth=0.8, linestyle=":", label=f"{level} (policy = reference)")
+    ax.set_xlabel(r"$\beta$")
+    ax.set_ylabel(f"{title} loss")
+    heading = f"{title} loss vs $\\beta$  ({inputs})"
+    if len(curves) > 1 and loss in BETA_SWEEP_NOTES:
+        heading += "\n" + BETA_SWEEP_NOTES[loss]
+    ax.set_title(heading, fontsize=9)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=9, title=r"$h = \log\frac{\pi(y_w)}{\pi_{ref}(y_w)} - \log\frac{\pi(y_l)}{\pi_{ref}(y_l)}$",
+              title_fontsize=9)
     return save(fig, path)
