@@ -132,3 +132,56 @@ def test_a_directory_with_other_settings_is_refused(quick_run):
     result = runner.invoke(app, ["demo", "--output", str(out), "--cache-dir", str(cache)])  # default settings
     assert result.exit_code == 1
     assert "holds a demo run with other settings" in result.output and "--fresh" in result.output
+
+
+def test_every_method_stage_is_built_from_the_table(quick_run, monkeypatch):
+    """Each row of METHODS trains its `train` command with keys its config accepts, its own from the settings."""
+    import dataclasses
+
+    import preftune.train
+    from preftune.experiments.demo.pipeline import METHODS, Demo
+    from preftune.experiments.demo.settings import QUICK
+
+    out, cache, _ = quick_run
+    calls = []
+    monkeypatch.setattr(preftune.train, "run", lambda command, keys: calls.append((command, keys)) or Path("x"))
+    names = {f.name for f in dataclasses.fields(QUICK)}
+    for method, recipe in METHODS.items():
+        assert set(recipe.settings.values()) <= names, method
+        changed = dataclasses.replace(QUICK, methods=(method,), **{
+            name: getattr(QUICK, name) * 2 for name in recipe.settings.values()})
+        demo = Demo(out, changed, cache_dir=cache)
+        assert [name for name, _ in demo.stages if name == method] == [method]
+        demo.train_method(method)
+        command, keys = calls.pop()
+        assert command == recipe.command and keys["output_dir"] == str(out / method)
+        for key, name in recipe.settings.items():
+            assert keys[key] == getattr(changed, name)
+        assert preftune.train.resolve_config(command, keys).seed == QUICK.seed  # valid keys for the command
+
+
+def test_an_unknown_method_is_refused_before_any_training(tmp_path):
+    import dataclasses
+
+    from preftune.errors import PreftuneError
+    from preftune.experiments.demo.pipeline import Demo
+    from preftune.experiments.demo.settings import QUICK
+
+    with pytest.raises(PreftuneError, match="no recipe for method 'sppo'") as info:
+        Demo(tmp_path / "out", dataclasses.replace(QUICK, methods=("dpo", "sppo")))
+    assert "dpo, orpo, ppo, rloo" in str(info.value.hint)
+    assert not (tmp_path / "out").exists()
+
+
+def test_every_setting_is_in_the_fingerprint_and_the_base_ones_in_the_cache_key():
+    import dataclasses
+
+    from preftune.experiments.demo.settings import QUICK
+
+    for name, value, shapes_base in (("max_length", 256, False), ("ppo_update_epochs", 4, False),
+                                     ("eval_seed_offset", 7, False), ("preview_samples", 1, False),
+                                     ("base_head_dim", 16, True), ("base_weight_decay", 0.0, True),
+                                     ("log_every", 1, True), ("group_by_length", False, True)):
+        changed = dataclasses.replace(QUICK, **{name: value})
+        assert changed.fingerprint != QUICK.fingerprint, name
+        assert (changed.base_recipe() != QUICK.base_recipe()) is shapes_base, name

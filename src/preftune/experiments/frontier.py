@@ -226,7 +226,7 @@ def _measure_all(runs: list[Run], config: FrontierConfig, out: Path, prompts: li
     """One point per run (cached in runs/NAME/frontier_point.json for the same measurement settings)."""
     from rich.console import Console
 
-    from preftune.generate import _progress
+    from preftune.generate import progress_bar
     from preftune.models import load_policy, load_tokenizer
     from preftune.train.rollout import evaluate_policy
 
@@ -235,7 +235,7 @@ def _measure_all(runs: list[Run], config: FrontierConfig, out: Path, prompts: li
     settings = {"eval_samples": config.eval_samples, "max_new_tokens": config.max_new_tokens, "seed": config.seed,
                 "temperature": config.temperature, "template": config.template, "prompts": len(prompts)}
     points = []
-    with _progress(len(runs), "measuring", enabled=Console(stderr=True).is_terminal) as advance:
+    with progress_bar(len(runs), "measuring", enabled=Console(stderr=True).is_terminal) as advance:
         for run in runs:
             directory = out / "runs" / run.name
             cache = directory / "frontier_point.json"

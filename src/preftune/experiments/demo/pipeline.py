@@ -11,7 +11,8 @@ the hash of the corpus and its recipe, so a new run directory reuses it.
 3. sft          fine-tuned on (prefix -> continuation) pairs (`train sft`)
 4. preferences  K completions per prefix from the SFT model, pairs labelled by simulated annotators
 5. reward       a reward model on those labels (`train reward`), its held-out accuracy
-6. dpo, orpo    preference-tuned policies (`train dpo` with loss dpo / orpo)
+6. methods      one stage per name of ``settings.methods``, each built from its row of ``METHODS``:
+                dpo, orpo (`train dpo` on the labels), ppo, rloo, raft (online RL against the reward model)
 7. evaluate     A/B/C completions per held-out prefix from every model; `compare` against SFT under
                 the ground-truth judge and under the learned reward model
 8. report       report.md, report.html, summary.json
@@ -25,14 +26,44 @@ import random
 import shutil
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from preftune.data.jsonl import read_records, write_jsonl
 from preftune.errors import PreftuneError
 from preftune.experiments.demo import corpus as corpus_mod
 from preftune.experiments.demo.settings import RECIPE_VERSION, DemoSettings
 
 GROUND_TRUTH = "preftune.experiments.demo.reward:shakespeare_reward"
+
+
+@dataclass(frozen=True)
+class MethodRecipe:
+    """How the demo trains one method from the SFT model: ``preftune train COMMAND`` with the keys
+    shared by its kind (``Demo.method_keys``) and its own."""
+
+    command: str                    # the `preftune train` command
+    online: bool                    # RL on the prompts against the learned reward model (else on the labels)
+    settings: dict[str, str]        # train key -> the DemoSettings field that holds its value
+    fixed: dict[str, Any] = field(default_factory=dict)  # keys that make the method what it is (the loss)
+
+    def keys(self, settings: DemoSettings) -> dict[str, Any]:
+        return {**self.fixed, **{key: getattr(settings, name) for key, name in self.settings.items()}}
+
+
+# Every method the demo can train: a name of settings.methods -> its recipe.
+METHODS: dict[str, MethodRecipe] = {
+    "dpo": MethodRecipe("dpo", online=False, fixed={"loss": "dpo"},
+                        settings={"beta": "dpo_beta", "learning_rate": "dpo_learning_rate"}),
+    "orpo": MethodRecipe("dpo", online=False, fixed={"loss": "orpo"},
+                         settings={"beta": "orpo_beta", "learning_rate": "orpo_learning_rate"}),
+    "ppo": MethodRecipe("ppo", online=True,
+                        settings={"learning_rate": "ppo_learning_rate", "update_epochs": "ppo_update_epochs",
+                                  "num_mini_batches": "ppo_num_mini_batches"}),
+    "rloo": MethodRecipe("rloo", online=True, settings={"learning_rate": "rloo_learning_rate"}),
+    "raft": MethodRecipe("raft", online=True, settings={"learning_rate": "raft_learning_rate"}),
+}
 
 
 def default_cache_dir() -> Path:
@@ -99,12 +130,13 @@ class Demo:
         self.out.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(mine, indent=2) + "\n", encoding="utf-8")
 
-    def _train(self, command: str, output: Path, **keys: Any) -> Path:
+    def _train(self, command: str, output: Path, *, online: bool = False, **keys: Any) -> Path:
         from preftune.train import run
 
-        base = {"output_dir": str(output), "seed": self.settings.seed, "report_to": "none", "log_every": 5}
-        if command in ("sft", "reward", "dpo"):
-            base["group_by_length"] = True  # less padding (offline methods only)
+        s = self.settings
+        base = {"output_dir": str(output), "seed": s.seed, "report_to": "none", "log_every": s.log_every}
+        if not online:  # an online step trains on the completions it has just sampled, as they come
+            base["group_by_length"] = s.group_by_length
         return run(command, {**base, **keys})
 
     # ------------------------------------------------------------------------------------------ 1. corpus
@@ -118,13 +150,13 @@ class Demo:
             raise PreftuneError(f"the corpus has {len(lines)} usable prefix lines, the settings need {need}")
         rng = random.Random(s.seed)
         sft = [{"prompt": line.text, "completion": corpus_mod.continuation(
-                    corpus.lines(line.work), line.index, n_lines=rng.randint(1, s.sft_max_lines)),
+                    corpus.lines(line.work), line.index, n_lines=rng.randint(s.sft_min_lines, s.sft_max_lines)),
                 "source": f"{line.work}:{line.index + 1}"} for line in lines[:s.sft_examples]]
         pref = [line.text for line in lines[s.sft_examples:s.sft_examples + s.pref_prompts]]
         val = [line.text for line in lines[s.sft_examples + s.pref_prompts:need]]
         data = self.out / "data"
         data.mkdir(parents=True, exist_ok=True)
-        _write_jsonl(data / "sft.jsonl", sft)
+        write_jsonl(data / "sft.jsonl", sft)
         for name, prompts in (("preference_prompts", pref), ("validation_prompts", val),
                               ("eval_prompts", heldout[:s.eval_prompts] if s.eval_prompts else heldout)):
             (data / f"{name}.txt").write_text("\n".join(prompts) + "\n", encoding="utf-8")
@@ -137,8 +169,7 @@ class Demo:
     def base_dir(self) -> Path:
         s = self.settings
         corpus_fp = self.marker("corpus")["fingerprint"]
-        recipe = {k: v for k, v in s.to_dict().items() if k.startswith(("vocab", "hidden", "num_layers", "base_"))}
-        key = _hash({"corpus": corpus_fp, "recipe": recipe, "seed": s.seed, "version": RECIPE_VERSION})
+        key = _hash({"corpus": corpus_fp, "recipe": s.base_recipe(), "seed": s.seed, "version": RECIPE_VERSION})
         return self.cache / "demo-base" / key
 
     def stage_base(self) -> dict[str, Any]:
@@ -153,34 +184,37 @@ class Demo:
             corpus = corpus_mod.load_corpus(s.works or corpus_mod.WORKS)
             blocks = corpus.blocks()
             tokenizer = build_tiny_tokenizer(vocab_size=s.vocab_size, texts=blocks)
-            heads = max(1, s.hidden_size // 32)
+            heads = max(1, s.hidden_size // s.base_head_dim)
             model = build_tiny_model(tokenizer, hidden_size=s.hidden_size, num_layers=s.num_layers, seed=s.seed,
-                                     num_heads=heads, num_kv_heads=heads, intermediate_size=s.hidden_size * 3,
-                                     max_positions=512)
+                                     num_heads=heads, num_kv_heads=heads,
+                                     intermediate_size=s.hidden_size * s.base_mlp_ratio,
+                                     max_positions=s.base_max_positions)
             model.save_pretrained(root / "init")
             tokenizer.save_pretrained(root / "init")
             rows = _text_rows(blocks, s.base_block_chars)
-            _write_jsonl(root / "lm.jsonl", rows)
+            write_jsonl(root / "lm.jsonl", rows)
             self.log(f"base model: {sum(p.numel() for p in model.parameters()):,} parameters, vocabulary "
                      f"{len(tokenizer)}, {len(rows)} rows of text")
             self._train("sft", root / "run", model=str(root / "init"), data=str(root / "lm.jsonl"),
                         learning_rate=s.base_learning_rate, batch_size=s.base_batch_size, max_steps=s.base_steps,
-                        max_length=s.base_max_length, warmup_steps=max(1, s.base_steps // 20), weight_decay=0.1,
-                        save_every=max(1, s.base_steps // 4), keep_checkpoints=1)
+                        max_length=s.base_max_length, warmup_steps=_warmup(s.base_steps, s.base_warmup_fraction),
+                        weight_decay=s.base_weight_decay, save_every=max(1, s.base_steps // s.base_saves),
+                        keep_checkpoints=s.base_keep_checkpoints)
             shutil.rmtree(root / "run" / "checkpoints", ignore_errors=True)
         (self.out / "base").mkdir(parents=True, exist_ok=True)
         shutil.copy(root / "run" / "metrics.jsonl", self.out / "base" / "metrics.jsonl")
-        samples = self._generate(final, corpus_mod.heldout_prefixes()[:3], num=2, name="base")
-        _write_jsonl(self.out / "base" / "samples.jsonl", samples)
+        samples = self._generate(final, corpus_mod.heldout_prefixes()[:s.preview_prompts], num=s.preview_samples,
+                                 name="base")
+        write_jsonl(self.out / "base" / "samples.jsonl", samples)
         return {"model": str(final), "cached": cached}
 
     # ------------------------------------------------------------------------------------------ 3. sft
     def stage_sft(self) -> dict[str, Any]:
         s = self.settings
         final = self._train("sft", self.out / "sft", model=self.marker("base")["model"],
-                            data=str(self.out / "data" / "sft.jsonl"), eval_fraction=0.05,
-                            learning_rate=s.sft_learning_rate, batch_size=16, max_steps=s.sft_steps,
-                            max_length=128, warmup_steps=max(1, s.sft_steps // 10))
+                            data=str(self.out / "data" / "sft.jsonl"), eval_fraction=s.sft_eval_fraction,
+                            learning_rate=s.sft_learning_rate, batch_size=s.sft_batch_size, max_steps=s.sft_steps,
+                            max_length=s.max_length, warmup_steps=_warmup(s.sft_steps, s.warmup_fraction))
         return {"model": str(final)}
 
     # ------------------------------------------------------------------------------------------ 4. preferences
@@ -195,19 +229,21 @@ class Demo:
         s, out = self.settings, self.out / "preferences"
         sft = self.marker("sft")["model"]
         result: dict[str, Any] = {}
-        for split, file, seed in (("train", "preference_prompts", s.seed), ("heldout", "validation_prompts", s.seed + 1)):
+        splits = (("train", "preference_prompts", s.seed),
+                  ("heldout", "validation_prompts", s.seed + s.val_seed_offset))
+        for split, file, seed in splits:
             prompts = _read_lines(self.out / "data" / f"{file}.txt")
             records = self._generate(sft, prompts, num=s.completions_per_prompt, name="sft", seed=seed)
-            _write_jsonl(out / f"{split}_completions.jsonl", records)
+            write_jsonl(out / f"{split}_completions.jsonl", records)
             pairs = _pairs_per_prompt(records, s.pairs_per_prompt, seed=seed)
             if split == "train":  # the same pairs for people to label in the browser
-                _write_jsonl(out / "pairs.jsonl", [{"prompt": p, "response_a": a, "response_b": b} for p, a, b in pairs])
+                write_jsonl(out / "pairs.jsonl", [{"prompt": p, "response_a": a, "response_b": b} for p, a, b in pairs])
             judgements = annotate_pairs(pairs, second_opinion=s.second_opinion, seed=seed)
             for j in judgements:
                 j["true_choice"] = int(shakespeare_reward(j["prompt"], j["second"]) >
                                        shakespeare_reward(j["prompt"], j["first"]))
-            _write_jsonl(out / f"{split}_judgements.jsonl", judgements)
-            _write_jsonl(out / f"{split}.jsonl", preference_rows(judgements))
+            write_jsonl(out / f"{split}_judgements.jsonl", judgements)
+            write_jsonl(out / f"{split}.jsonl", preference_rows(judgements))
             result[split] = {**_label_stats(judgements), "completions": len(records),
                              "empty_completions": sum(not r["completion"].strip() for r in records)}
         result["panel"] = [{"name": a.name, "group": a.group, "temperature": a.temperature, "emphasis": a.emphasis}
@@ -222,9 +258,10 @@ class Demo:
         final = self._train("reward", self.out / "reward", model=self.marker("sft")["model"],
                             data=str(prefs / "train.jsonl"), eval_data=str(prefs / "heldout.jsonl"),
                             learning_rate=s.reward_learning_rate, batch_size=s.pref_batch_size,
-                            max_steps=s.reward_steps, max_length=128, warmup_steps=max(1, s.reward_steps // 10))
+                            max_steps=s.reward_steps, max_length=s.max_length,
+                            warmup_steps=_warmup(s.reward_steps, s.warmup_fraction))
         # accuracy on the held-out pairs: against the annotators' labels and against the ground truth
-        judgements = _read_jsonl(prefs / "heldout_judgements.jsonl")
+        judgements = read_records(prefs / "heldout_judgements.jsonl")
         pairs = list({j["pair"]: j for j in judgements}.values())
         tokenizer = load_tokenizer(str(final))
         model = load_reward_model(str(final), tokenizer=tokenizer)
@@ -232,7 +269,7 @@ class Demo:
                              [j["first"] for j in pairs] + [j["second"] for j in pairs])
         prefers_second = {j["pair"]: int(b > a) for j, a, b in zip(pairs, scores[:len(pairs)], scores[len(pairs):],
                                                                     strict=True)}
-        evals = [r for r in _read_jsonl(self.out / "reward" / "metrics.jsonl") if "eval/accuracy" in r]
+        evals = [r for r in read_records(self.out / "reward" / "metrics.jsonl") if "eval/accuracy" in r]
         return {"model": str(final), "heldout_pairs": len(pairs), "heldout_labels": len(judgements),
                 "accuracy_vs_labels": _mean(prefers_second[j["pair"]] == j["choice"] for j in judgements),
                 "accuracy_vs_ground_truth": _mean(prefers_second[j["pair"]] == j["true_choice"] for j in pairs),
@@ -240,34 +277,35 @@ class Demo:
 
     # ------------------------------------------------------------------------------------------ 6. methods
     def _method_stage(self, method: str) -> Callable[[], dict[str, Any]]:
+        if method not in METHODS:
+            raise PreftuneError(f"the demo has no recipe for method {method!r}", field="methods",
+                                hint=f"methods: {', '.join(METHODS)}")
+
         def stage() -> dict[str, Any]:
             return {"model": str(self.train_method(method))}
         return stage
 
-    def train_method(self, method: str) -> Path:
-        s, prefs = self.settings, self.out / "preferences"
-        common = {"model": self.marker("sft")["model"], "data": str(prefs / "train.jsonl"),
-                  "eval_data": str(prefs / "heldout.jsonl"), "batch_size": s.pref_batch_size,
-                  "epochs": s.pref_epochs, "max_length": 128, "warmup_ratio": 0.1,
-                  "ref_cache_dir": str(self.cache / "ref_logps")}
-        if method == "dpo":
-            return self._train("dpo", self.out / "dpo", loss="dpo", beta=s.dpo_beta,
-                               learning_rate=s.dpo_learning_rate, **common)
-        if method == "orpo":
-            return self._train("dpo", self.out / "orpo", loss="orpo", beta=s.orpo_beta,
-                               learning_rate=s.orpo_learning_rate, **common)
-        if method in ("ppo", "rloo"):
-            # RLHF proper: the policy is scored by the learned reward model, never by the ground truth
-            online = {"model": self.marker("sft")["model"], "data": str(self.out / "data" / "preference_prompts.txt"),
+    def method_keys(self, method: str) -> dict[str, Any]:
+        """The `preftune train` keys of ``method``: those of its kind, then its own from the settings."""
+        s, recipe = self.settings, METHODS[method]
+        sft = self.marker("sft")["model"]
+        if recipe.online:  # RLHF proper: the policy is scored by the learned reward model, never the ground truth
+            common = {"model": sft, "data": str(self.out / "data" / "preference_prompts.txt"),
                       "reward": self.marker("reward")["model"], "num_samples": s.rl_num_samples,
                       "batch_size": s.rl_batch_size, "max_steps": s.rl_steps, "max_new_tokens": s.max_new_tokens,
-                      "max_length": 128, "temperature": s.temperature, "kl_coef": s.rl_kl_coef,
-                      "lr_scheduler": "constant", "warmup_steps": max(1, s.rl_steps // 10), "sample_every": 10,
-                      "learning_rate": s.ppo_learning_rate if method == "ppo" else s.rloo_learning_rate}
-            if method == "ppo":
-                online.update(update_epochs=2, num_mini_batches=2)
-            return self._train(method, self.out / method, **online)
-        raise PreftuneError(f"the demo has no recipe for method {method!r}", field="methods")
+                      "max_length": s.max_length, "temperature": s.temperature, "kl_coef": s.rl_kl_coef,
+                      "lr_scheduler": s.rl_lr_scheduler, "warmup_steps": _warmup(s.rl_steps, s.warmup_fraction),
+                      "sample_every": s.rl_sample_every}
+        else:
+            prefs = self.out / "preferences"
+            common = {"model": sft, "data": str(prefs / "train.jsonl"), "eval_data": str(prefs / "heldout.jsonl"),
+                      "batch_size": s.pref_batch_size, "epochs": s.pref_epochs, "max_length": s.max_length,
+                      "warmup_ratio": s.warmup_fraction, "ref_cache_dir": str(self.cache / "ref_logps")}
+        return {**common, **recipe.keys(s)}
+
+    def train_method(self, method: str) -> Path:
+        recipe = METHODS[method]
+        return self._train(recipe.command, self.out / method, online=recipe.online, **self.method_keys(method))
 
     # ------------------------------------------------------------------------------------------ 7. evaluate
     def models(self) -> dict[str, str]:
@@ -282,8 +320,9 @@ class Demo:
         files = {}
         for name, path in self.models().items():
             files[name] = out / f"{name}.jsonl"
-            _write_jsonl(files[name], self._generate(path, prompts, num=s.eval_completions, name=name,
-                                                     seed=s.seed + 1000, temperature=s.eval_temperature))
+            write_jsonl(files[name], self._generate(path, prompts, num=s.eval_completions, name=name,
+                                                     seed=s.seed + s.eval_seed_offset,
+                                                     temperature=s.eval_temperature))
         judges = {"ground_truth": FunctionJudge(GROUND_TRUTH),
                   "reward_model": RewardModelJudge(self.marker("reward")["model"])}
         # every pair of models under the ground truth (a Bradley-Terry ranking); its pairs with the SFT model
@@ -384,23 +423,15 @@ def _text_rows(blocks: list[str], chars: int) -> list[dict[str, str]]:
     return rows
 
 
+def _warmup(steps: int, fraction: float) -> int:
+    """Warm-up steps: ``fraction`` of ``steps``, rounded down, at least 1."""
+    return max(1, int(round(steps * fraction, 6)))
+
+
 def _hash(obj: Any) -> str:
     import hashlib
 
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with tmp.open("w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    tmp.replace(path)
-
-
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def _read_lines(path: Path) -> list[str]:

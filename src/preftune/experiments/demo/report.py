@@ -1,21 +1,17 @@
-"""The demo's report: ``report.md``, ``report.html`` (self-contained: plots embedded) and ``summary.json``.
-
-Both documents are rendered from one list of blocks (headings, paragraphs, tables, images, verbatim
-text), so they say the same thing.
+"""The demo's report: ``report.md``, ``report.html`` (self-contained: plots embedded) and ``summary.json``,
+written by the one report writer (``preftune.report``), so both documents say the same thing.
 """
 
 from __future__ import annotations
 
-import base64
-import html
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from preftune.experiments.demo.pipeline import _read_jsonl
+from preftune.data.jsonl import read_records
 from preftune.experiments.demo.reward import WEIGHTS
+from preftune.report import Doc
 
 STAGE_TITLES = {
     "corpus": "corpus and prefixes", "base": "base language model", "sft": "SFT", "preferences":
@@ -24,86 +20,6 @@ STAGE_TITLES = {
 }
 JUDGES = {"ground_truth": "ground-truth reward", "reward_model": "learned reward model"}
 ONLINE = ("ppo", "rloo", "raft")
-
-
-@dataclass
-class Doc:
-    blocks: list[tuple[str, Any]] = field(default_factory=list)
-
-    def h(self, level: int, text: str) -> None:
-        self.blocks.append(("h", (level, text)))
-
-    def p(self, text: str) -> None:
-        self.blocks.append(("p", text))
-
-    def table(self, header: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
-        self.blocks.append(("table", (list(header), [[str(c) for c in r] for r in rows])))
-
-    def image(self, path: Path, alt: str) -> None:
-        self.blocks.append(("img", (path, alt)))
-
-    def pre(self, text: str) -> None:
-        self.blocks.append(("pre", text))
-
-    def markdown(self, root: Path) -> str:
-        out = []
-        for kind, value in self.blocks:
-            if kind == "h":
-                out.append("#" * value[0] + " " + value[1])
-            elif kind == "p":
-                out.append(value)
-            elif kind == "table":
-                header, rows = value
-                out.append("\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-                                     + ["| " + " | ".join(c.replace("|", "\\|").replace("\n", " / ") for c in r) + " |"
-                                        for r in rows]))
-            elif kind == "img":
-                out.append(f"![{value[1]}]({value[0].relative_to(root).as_posix()})")
-            elif kind == "pre":
-                out.append("```\n" + value.rstrip() + "\n```")
-        return "\n\n".join(out) + "\n"
-
-    def html(self, title: str) -> str:
-        body = []
-        for kind, value in self.blocks:
-            if kind == "h":
-                body.append(f"<h{value[0]}>{html.escape(value[1])}</h{value[0]}>")
-            elif kind == "p":
-                body.append(f"<p>{_inline(value)}</p>")
-            elif kind == "table":
-                header, rows = value
-                head = "".join(f"<th>{_inline(c)}</th>" for c in header)
-                cells = "".join("<tr>" + "".join(f"<td>{_inline(c)}</td>" for c in r) + "</tr>" for r in rows)
-                body.append(f"<table><thead><tr>{head}</tr></thead><tbody>{cells}</tbody></table>")
-            elif kind == "img":
-                data = base64.b64encode(value[0].read_bytes()).decode()
-                body.append(f'<figure><img src="data:image/png;base64,{data}" alt="{html.escape(value[1])}">'
-                            f"<figcaption>{html.escape(value[1])}</figcaption></figure>")
-            elif kind == "pre":
-                body.append(f"<pre>{html.escape(value)}</pre>")
-        return (f"<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
-                f"<style>{_CSS}</style></head><body><main>\n" + "\n".join(body) + "\n</main></body></html>\n")
-
-
-def _inline(text: str) -> str:
-    """Markdown's **bold**, `code` and line breaks (/) in table cells, escaped for HTML."""
-    import re
-
-    out = html.escape(text)
-    out = re.sub(r"\*\*(.+?)\*\*", r"<strong>\1</strong>", out)
-    out = re.sub(r"`(.+?)`", r"<code>\1</code>", out)
-    return out.replace("\n", "<br>")
-
-
-_CSS = """
-body{font:15px/1.5 system-ui,-apple-system,Segoe UI,sans-serif;color:#222;background:#fafafa;margin:0}
-main{max-width:1000px;margin:0 auto;padding:24px 32px;background:#fff}
-h1{font-size:26px;margin-top:8px}h2{font-size:20px;border-bottom:1px solid #ddd;padding-bottom:4px;margin-top:32px}
-table{border-collapse:collapse;margin:12px 0;font-size:14px}th,td{border:1px solid #ddd;padding:4px 8px;
-text-align:left;vertical-align:top}th{background:#f0f0f0}td{white-space:pre-line}
-figure{margin:12px 0}img{max-width:100%}figcaption{font-size:13px;color:#666}
-pre{background:#f4f4f4;padding:10px;overflow-x:auto;font-size:13px}code{background:#f4f4f4;padding:0 3px}
-"""
 
 
 def _ci(ci: Sequence[float] | None) -> str:
@@ -148,7 +64,7 @@ def write_demo_report(demo: Any) -> list[Path]:
                              [gt[m]["losses"] for m in methods], figs / "wtl.png",
                              title="Against SFT, ground-truth judge", legend=("tuned wins", "tie", "SFT wins"))
     eval_files = demo.marker("evaluate")["files"]
-    generations = {name: _read_jsonl(Path(path)) for name, path in eval_files.items()}
+    generations = {name: read_records(Path(path)) for name, path in eval_files.items()}
     len_png = plots.length_histograms({n: [len(r["completion"]) for r in g] for n, g in generations.items()},
                                       figs / "lengths.png", title="Completion lengths on the held-out prefixes")
     curves_png = plots.training_curves(_curves(demo), figs / "training.png")
@@ -193,6 +109,9 @@ def write_demo_report(demo: Any) -> list[Path]:
         doc.p("The base model came from the cache; its time is that of the run that trained it.")
     doc.h(2, "Reproduce and explore")
     doc.pre(_commands(demo))
+    doc.h(2, "Settings")
+    doc.p(f"Every number of this run (`preftune/experiments/demo/settings.py`), fingerprint `{s.fingerprint}`.")
+    doc.pre("\n".join(f"{name} = {value!r}" for name, value in data["settings"].items()))
 
     (out / "summary.json").write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
     (out / "report.md").write_text(doc.markdown(out), encoding="utf-8")
@@ -205,7 +124,7 @@ def _curves(demo: Any) -> dict[str, dict[str, tuple[list[float], list[float]]]]:
     panels: dict[str, dict[str, tuple[list[float], list[float]]]] = {}
 
     def add(panel: str, name: str, path: Path, key: str) -> None:
-        rows = [r for r in _read_jsonl(path) if key in r] if path.is_file() else []
+        rows = [r for r in read_records(path) if key in r] if path.is_file() else []
         if rows:
             panels.setdefault(panel, {})[name] = ([r["step"] for r in rows], [r[key] for r in rows])
 
@@ -280,7 +199,7 @@ def _base_samples(doc: Doc, demo: Any) -> None:
     if not path.is_file():
         return
     doc.h(2, "What the base model writes")
-    doc.pre("\n\n".join(f"{r['prompt']}{r['completion']}" for r in _read_jsonl(path)))
+    doc.pre("\n\n".join(f"{r['prompt']}{r['completion']}" for r in read_records(path)))
 
 
 def _commands(demo: Any) -> str:

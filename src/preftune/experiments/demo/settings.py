@@ -14,6 +14,11 @@ from typing import Any
 # Bump when a stage's recipe changes in a way the settings do not show, so cached base models are rebuilt.
 RECIPE_VERSION = 1
 
+# The settings that shape the base model (its cache key): those named with these prefixes, and the
+# settings of every training stage that the base run reads too.
+BASE_PREFIXES = ("vocab", "hidden", "num_layers", "base_")
+BASE_SHARED = ("log_every", "group_by_length")
+
 
 @dataclass(frozen=True)
 class DemoSettings:
@@ -23,19 +28,37 @@ class DemoSettings:
     vocab_size: int = 4096
     hidden_size: int = 128
     num_layers: int = 4
+    base_head_dim: int = 32                # attention heads (and KV heads): hidden_size // this, at least 1
+    base_mlp_ratio: int = 3                # the MLP's intermediate size: hidden_size x this
+    base_max_positions: int = 512          # the model's context window (position embeddings)
     base_block_chars: int = 400            # a base-LM row: consecutive speeches up to this many characters
     base_max_length: int = 160
     base_steps: int = 600
     base_batch_size: int = 16
     base_learning_rate: float = 4e-3
-    # SFT on (prefix -> continuation of 1..sft_max_lines lines) pairs
+    base_warmup_fraction: float = 0.05     # warm-up steps: this fraction of base_steps (at least 1)
+    base_weight_decay: float = 0.1
+    base_saves: int = 4                    # checkpoints while training (every base_steps // base_saves steps)
+    base_keep_checkpoints: int = 1         # checkpoints kept on disk (all deleted once the model is trained)
+    preview_prompts: int = 3               # held-out prefixes the base model continues for the report
+    preview_samples: int = 2               # its continuations of each (not part of the base model's cache key)
+    # every training stage
+    log_every: int = 5                     # training metrics written to metrics.jsonl every N steps
+    group_by_length: bool = True           # offline stages (base, sft, reward, dpo, orpo): less padding
+    max_length: int = 128                  # prompt + completion tokens at most, every stage after the base
+    warmup_fraction: float = 0.1           # warm-up steps: this fraction of a stage's steps, after the base
+    # SFT on (prefix -> continuation of sft_min_lines..sft_max_lines lines) pairs
     sft_examples: int = 2000
+    sft_min_lines: int = 1
     sft_max_lines: int = 6
     sft_steps: int = 80
+    sft_batch_size: int = 16
     sft_learning_rate: float = 1e-3
+    sft_eval_fraction: float = 0.05        # SFT examples held out for the eval loss
     # preference data: K completions per prefix from the SFT model, pairs labelled by the panel
     pref_prompts: int = 600
     val_prompts: int = 40                  # held-out prefixes for the reward model's accuracy
+    val_seed_offset: int = 1               # their completions, pairs and labels are drawn with seed + this
     completions_per_prompt: int = 4
     pairs_per_prompt: int = 6              # pairs drawn from the K-choose-2 of each prompt (6 = all of K = 4)
     second_opinion: float = 0.2            # fraction of pairs labelled by two annotators
@@ -60,16 +83,26 @@ class DemoSettings:
     rl_batch_size: int = 8                 # prompts per step (x rl_num_samples completions)
     rl_num_samples: int = 4
     rl_kl_coef: float = 0.05
+    rl_lr_scheduler: str = "constant"      # learning-rate schedule after the warm-up
+    rl_sample_every: int = 10              # rollout completions written to samples.jsonl every N steps
     ppo_learning_rate: float = 3e-4
+    ppo_update_epochs: int = 2             # passes over each rollout
+    ppo_num_mini_batches: int = 2          # optimizer steps per pass over a rollout
     rloo_learning_rate: float = 3e-4
+    raft_learning_rate: float = 3e-4       # RAFT (SFT on the best of rl_num_samples), when in methods
     # evaluation: A, B, C, ... completions for each held-out prefix
     eval_prompts: int | None = None        # None = every prefix of corpus/heldout_prefixes.txt
     eval_completions: int = 3
+    eval_seed_offset: int = 1000           # the evaluation completions are drawn with seed + this
     n_bootstrap: int = 1000
-    methods: tuple[str, ...] = ("dpo", "orpo", "ppo", "rloo")
+    methods: tuple[str, ...] = ("dpo", "orpo", "ppo", "rloo")  # stages, in order (see pipeline.METHODS)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def base_recipe(self) -> dict[str, Any]:
+        """The settings the base model depends on (with the corpus and the seed, its cache key)."""
+        return {k: v for k, v in self.to_dict().items() if k.startswith(BASE_PREFIXES) or k in BASE_SHARED}
 
     @property
     def fingerprint(self) -> str:
