@@ -202,3 +202,21 @@ def test_cli_keys_markdown() -> None:
     result = CliRunner().invoke(app, ["train", "keys", "sft", "--markdown"])
     assert result.exit_code == 0
     assert "| `completion_only_loss` | bool | `true` |" in result.output
+
+
+def test_docs_key_tables_are_generated_from_the_registry() -> None:
+    """Each key table of docs/training.md ("Every key") and docs/rlhf.md ("Keys") is, heading and rows,
+    the table `preftune train keys --markdown` prints under that heading, and every table it prints is
+    in one of them: a new key or method shows up as a failure here until the docs are regenerated."""
+    import re
+
+    from preftune.cli.train import markdown_sections
+
+    generated = dict(markdown_sections())
+    root = Path(__file__).resolve().parents[1] / "docs"
+    found: dict[str, str] = {}
+    for name in ("training.md", "rlhf.md"):
+        for heading, table in re.findall(r"^### (.+?)\n\n((?:\|.*\n?)+)", (root / name).read_text(), flags=re.M):
+            if heading in generated:
+                found[heading] = table.rstrip("\n")
+    assert found == generated
