@@ -1,25 +1,44 @@
 """Checkpoints with exact resume: ``OUTPUT_DIR/checkpoints/step-N``.
 
-A checkpoint holds everything the next step depends on:
+A checkpoint holds everything the next step depends on, and nothing in it is a pickle: a checkpoint is
+data, so loading one (perhaps one someone else sent you) cannot run code. Every file is safetensors or
+JSON, except an online method's state, read with ``torch.load(weights_only=True)`` (tensors and plain
+Python values only). Format version 1:
 
-* model weights, optimizer state (AdamW moments), the learning-rate scheduler and the RNG states of
-  python, numpy and torch (CPU and CUDA) of every process, written by ``accelerator.save_state``;
+* ``model.safetensors``: the trained model's weights (every process holds the same; the main process
+  writes them);
+* ``optimizer.safetensors`` + ``optimizer.json``: the optimizer's tensors (AdamW's step, exp_avg and
+  exp_avg_sq, named ``<parameter index>/<name>``) and the rest of its ``state_dict`` (the param groups);
+* ``scheduler.json``: the learning-rate scheduler's ``state_dict``; ``scaler.json``: the fp16 gradient
+  scaler's (mixed_precision: fp16 only);
+* ``rng_state_R.json`` (one per process R): the python, numpy and torch CPU (and CUDA / MPS) RNG states;
 * ``trainer_state.json``: the step counter, the data plan (examples, global batch, steps per epoch,
   length grouping; the position in the data is a pure function of the step, see ``plan.batch_indices``)
   and the metric sums accumulated since the last log line, so a resumed run writes the same
   metrics.jsonl lines;
 * ``method_state_R.pt`` (one per process R) when the method has ``state_dict()`` / ``load_state_dict()``:
-  what an online method keeps between steps (its current rollout, the adaptive KL coefficient), so a run
-  interrupted in the middle of a rollout resumes on the same rollout. It holds only tensors and plain
-  Python values and is read with ``torch.load(weights_only=True)``.
+  what an online method keeps between steps (its current rollout, the adaptive KL coefficient), or
+  group-robust DPO (its group weights);
+* ``config.json``: the resolved config the run was trained with (a rerun with other settings is refused,
+  see ``rundir``);
+* ``manifest.json``, written last: the format, its version, the step, the number of processes and the size
+  of every other file.
 
-A checkpoint is written to ``step-N.tmp`` and renamed when complete, so a run killed while saving never
-leaves a half-written ``step-N`` behind; resume picks the highest complete ``step-N``.
+Writing: into ``step-N.tmp``; every file is fsynced, then the manifest, then the directory, which is
+renamed to ``step-N`` (and its parent fsynced). A run killed while saving leaves only ``step-N.tmp``;
+after a power cut the manifest (sizes) shows a half-written file.
+
+Reading: the manifest first (every listed file present, with its size), then each file is parsed and
+applied; anything wrong raises ``CheckpointDamaged`` naming the file, and resume falls back to the
+previous checkpoint (``rundir``). Files not in the manifest are never opened. A checkpoint of the earlier
+format (accelerate's ``save_state``: ``*.pkl`` and ``*.bin`` pickles) is refused, never unpickled.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import random
 import re
 import shutil
 from dataclasses import asdict, dataclass, field
@@ -28,8 +47,27 @@ from typing import Any
 
 from preftune.errors import PreftuneError
 
+FORMAT, VERSION = "preftune-checkpoint", 1
+MANIFEST = "manifest.json"
 STATE_FILE = "trainer_state.json"
+CONFIG_FILE = "config.json"
+MODEL_FILE = "model.safetensors"
+OPTIMIZER_TENSORS, OPTIMIZER_REST = "optimizer.safetensors", "optimizer.json"
+SCHEDULER_FILE, SCALER_FILE = "scheduler.json", "scaler.json"
+_REQUIRED = (MODEL_FILE, OPTIMIZER_TENSORS, OPTIMIZER_REST, SCHEDULER_FILE, STATE_FILE, CONFIG_FILE)
 _STEP_DIR = re.compile(r"^step-(\d+)$")
+_FILE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
+DAMAGED_HINT = ("delete that checkpoint directory (resume then uses the previous one), or start over with "
+                "resume: never")
+
+
+class CheckpointDamaged(PreftuneError):
+    """A checkpoint that is incomplete or unreadable (a torn write, a foreign or tampered file)."""
+
+    def __init__(self, checkpoint: Path, reason: str, *, file: str | None = None) -> None:
+        self.checkpoint, self.reason = Path(checkpoint), reason
+        where = Path(checkpoint) / file if file else Path(checkpoint)
+        super().__init__(f"damaged checkpoint, not loaded: {reason}", path=str(where), hint=DAMAGED_HINT)
 
 
 @dataclass
@@ -52,58 +90,146 @@ class TrainerState:
         return cls(**json.loads(text))
 
 
+# ------------------------------------------------------------------------------------------------ finding
+
+
 def checkpoint_dir(output_dir: Path, step: int) -> Path:
     return Path(output_dir) / "checkpoints" / f"step-{step}"
 
 
+def checkpoint_step(path: Path) -> int:
+    """N of a ``step-N`` directory."""
+    match = _STEP_DIR.match(Path(path).name)
+    if not match:
+        raise PreftuneError(f"{path} is not a checkpoint directory (its name is not step-N)", field="resume",
+                            hint="give OUTPUT_DIR/checkpoints/step-N, or `auto` / `never`")
+    return int(match.group(1))
+
+
 def list_checkpoints(output_dir: Path) -> list[Path]:
-    """Complete checkpoints (those with a trainer_state.json) in ``output_dir/checkpoints``, oldest first."""
+    """The ``step-N`` directories in ``output_dir/checkpoints`` (complete or not), oldest first."""
     root = Path(output_dir) / "checkpoints"
     if not root.is_dir():
         return []
-    found = []
-    for path in root.iterdir():
-        match = _STEP_DIR.match(path.name)
-        if match and (path / STATE_FILE).is_file():
-            found.append((int(match.group(1)), path))
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)) and p.is_dir()]
     return [p for _, p in sorted(found)]
 
 
-def find_resume(output_dir: Path, resume: str) -> Path | None:
-    """The checkpoint to resume from: ``auto`` = the latest in output_dir (None if none), ``never`` = None,
-    anything else = that path, which must be a checkpoint directory."""
-    if resume == "never":
-        return None
-    if resume == "auto":
-        found = list_checkpoints(output_dir)
-        return found[-1] if found else None
-    path = Path(resume)
-    if not (path / STATE_FILE).is_file():
-        raise PreftuneError(f"{path} is not a checkpoint directory (no {STATE_FILE})", field="resume",
+def is_old_format(path: Path) -> bool:
+    """A checkpoint written by accelerate's ``save_state`` (preftune before format 1): pickles, no manifest."""
+    path = Path(path)
+    return not (path / MANIFEST).exists() and any(
+        p.suffix in (".pkl", ".bin") for p in path.iterdir() if p.is_file())
+
+
+def old_format_error(path: Path) -> PreftuneError:
+    return PreftuneError(
+        "this checkpoint was written by an earlier preftune version and holds pickle files (*.pkl, *.bin), "
+        "which can run code when loaded; it is not loaded", path=str(path),
+        hint="start over with resume: never (removes the run's checkpoints), or train into a new output_dir")
+
+
+def read_manifest(path: Path, *, num_processes: int | None = None) -> dict[str, Any]:
+    """The checkpoint's manifest, after checking that every file it lists is there with its size (and, with
+    ``num_processes``, that the checkpoint was written by as many processes). Raises CheckpointDamaged, or
+    PreftuneError for an earlier-format checkpoint or another number of processes."""
+    path = Path(path)
+    if not path.is_dir():
+        raise PreftuneError(f"{path} is not a checkpoint directory", field="resume",
                             hint="give OUTPUT_DIR/checkpoints/step-N, or `auto` / `never`")
-    return path
+    if is_old_format(path):
+        raise old_format_error(path)
+    if not (path / MANIFEST).is_file():
+        raise CheckpointDamaged(path, f"no {MANIFEST} (the checkpoint was not completely written)")
+    manifest = _read_json(path, MANIFEST)
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(files, dict) or manifest.get("format") != FORMAT:
+        raise CheckpointDamaged(path, f"{MANIFEST} is not a preftune checkpoint manifest", file=MANIFEST)
+    if manifest.get("version") != VERSION:
+        raise PreftuneError(f"checkpoint format version {manifest.get('version')!r}; this preftune reads "
+                            f"version {VERSION}", path=str(path / MANIFEST),
+                            hint="resume with the preftune version that wrote it, or start over with resume: never")
+    if manifest.get("step") != checkpoint_step(path):
+        raise CheckpointDamaged(path, f"{MANIFEST} is for step {manifest.get('step')!r}", file=MANIFEST)
+    for name, size in files.items():
+        if not (isinstance(name, str) and _FILE_NAME.match(name) and name != MANIFEST and isinstance(size, int)):
+            raise CheckpointDamaged(path, f"{MANIFEST} lists an invalid file {name!r}", file=MANIFEST)
+        file = path / name
+        if not file.is_file():
+            raise CheckpointDamaged(path, f"{name} is missing", file=name)
+        if file.stat().st_size != size:
+            raise CheckpointDamaged(path, f"{name} has {file.stat().st_size} bytes, the manifest says {size} "
+                                    "(a torn or replaced file)", file=name)
+    saved_processes = manifest.get("num_processes")
+    needed = [*_REQUIRED, *(f"rng_state_{r}.json" for r in range(saved_processes if isinstance(
+        saved_processes, int) else 1))]
+    for name in needed:
+        if name not in files:
+            raise CheckpointDamaged(path, f"{name} is missing", file=name)
+    if num_processes is not None and saved_processes != num_processes:
+        raise PreftuneError(f"the checkpoint was written by {saved_processes} processes, this run has "
+                            f"{num_processes}", path=str(path),
+                            hint="resume with the same number of processes (each one's RNG state is in the "
+                                 "checkpoint), or start over with resume: never")
+    return manifest
 
 
-def save_checkpoint(accelerator: Any, state: TrainerState, output_dir: Path, *, keep: int,
-                    method: Any = None) -> Path:
+def unlisted_files(path: Path, manifest: dict[str, Any]) -> list[str]:
+    """Files in the checkpoint directory that its manifest does not list (never read)."""
+    return sorted(p.name for p in Path(path).iterdir() if p.name != MANIFEST and p.name not in manifest["files"])
+
+
+# ------------------------------------------------------------------------------------------------ saving
+
+
+def checkpoints_supported(accelerator: Any) -> bool:
+    """Checkpoints hold full (unsharded) model and optimizer states: single process and DDP, not FSDP or
+    DeepSpeed, whose sharded states preftune does not save."""
+    kind = str(getattr(accelerator, "distributed_type", "")).upper()
+    return "FSDP" not in kind and "DEEPSPEED" not in kind
+
+
+def save_checkpoint(accelerator: Any, state: TrainerState, output_dir: Path, *, keep: int, model: Any,
+                    optimizer: Any, scheduler: Any, config_values: dict[str, Any], method: Any = None) -> Path:
     """Write ``checkpoints/step-{state.step}`` (all processes call this) and delete all but the last ``keep``."""
+    import torch
+    from safetensors.torch import save_file, save_model
+
     final = checkpoint_dir(output_dir, state.step)
     tmp = final.with_name(final.name + ".tmp")
-    if accelerator.is_main_process and tmp.exists():
-        shutil.rmtree(tmp)
+    main, rank = accelerator.is_main_process, accelerator.process_index
+    if main:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
+    if main:
+        save_model(accelerator.unwrap_model(model), str(tmp / MODEL_FILE))
+        tensors, rest = _split_optimizer_state(optimizer.state_dict())
+        save_file(tensors, str(tmp / OPTIMIZER_TENSORS))
+        for name in (MODEL_FILE, OPTIMIZER_TENSORS):
+            fsync_file(tmp / name)
+        write_json(tmp / OPTIMIZER_REST, rest)
+        write_json(tmp / SCHEDULER_FILE, scheduler.state_dict())
+        scaler = getattr(accelerator, "scaler", None)
+        if scaler is not None:
+            write_json(tmp / SCALER_FILE, scaler.state_dict())
+        write_json(tmp / STATE_FILE, asdict(state))
+        write_json(tmp / CONFIG_FILE, config_values)
+    write_json(tmp / f"rng_state_{rank}.json", _rng_state())
     if hasattr(method, "state_dict"):
-        import torch
-
-        tmp.mkdir(parents=True, exist_ok=True)
-        torch.save(method.state_dict(), tmp / f"method_state_{accelerator.process_index}.pt")
+        torch.save(method.state_dict(), tmp / f"method_state_{rank}.pt")
+        fsync_file(tmp / f"method_state_{rank}.pt")
     accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        (tmp / STATE_FILE).write_text(state.to_json(), encoding="utf-8")
+    if main:
+        files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir())}
+        write_json(tmp / MANIFEST, {"format": FORMAT, "version": VERSION, "step": state.step,
+                                    "num_processes": accelerator.num_processes, "files": files})
+        fsync_dir(tmp)
         if final.exists():
             shutil.rmtree(final)
         tmp.rename(final)
+        fsync_dir(final.parent)
         if keep > 0:
             for old in list_checkpoints(output_dir)[:-keep]:
                 shutil.rmtree(old, ignore_errors=True)
@@ -111,16 +237,178 @@ def save_checkpoint(accelerator: Any, state: TrainerState, output_dir: Path, *, 
     return final
 
 
-def load_checkpoint(accelerator: Any, path: Path, *, method: Any = None) -> TrainerState:
-    """Restore model, optimizer, scheduler, RNG states (and the method's state) from ``path``; return the
-    loop's state."""
-    accelerator.load_state(str(path))
-    if hasattr(method, "load_state_dict"):
-        import torch
+def _split_optimizer_state(state_dict: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """An optimizer ``state_dict`` as (tensors named ``<param>/<name>``, everything else as JSON values)."""
+    import torch
 
-        saved = Path(path) / f"method_state_{accelerator.process_index}.pt"
-        if not saved.is_file():
-            raise PreftuneError(f"the checkpoint has no {saved.name} (the method's state)", path=str(path),
-                                hint="resume with the same method and number of processes, or set resume: never")
-        method.load_state_dict(torch.load(saved, weights_only=True))
-    return TrainerState.from_json((Path(path) / STATE_FILE).read_text(encoding="utf-8"))
+    tensors: dict[str, Any] = {}
+    rest: dict[str, Any] = {}
+    for param, values in state_dict["state"].items():
+        rest[str(param)] = {}
+        for name, value in values.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{param}/{name}"] = value.detach().cpu().contiguous()
+            else:
+                rest[str(param)][name] = value
+    return tensors, {"state": rest, "param_groups": state_dict["param_groups"]}
+
+
+def _rng_state() -> dict[str, Any]:
+    """This process's RNG states as JSON values: python, numpy, torch CPU and (when present) CUDA / MPS."""
+    import numpy as np
+    import torch
+
+    version, internal, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state: dict[str, Any] = {"python": [version, list(internal), gauss],
+                             "numpy": [name, keys.tolist(), int(pos), int(has_gauss), float(cached)],
+                             "torch": torch.get_rng_state().tolist()}
+    if torch.cuda.is_available():
+        state["cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
+    elif getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        state["mps"] = torch.mps.get_rng_state().tolist()
+    return state
+
+
+def write_json(path: Path, value: Any) -> None:
+    """``value`` as JSON in ``path``, fsynced."""
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(value, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename or a new entry in directory ``path`` durable (a no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+# ------------------------------------------------------------------------------------------------ loading
+
+
+def load_checkpoint(accelerator: Any, path: Path, *, model: Any, optimizer: Any, scheduler: Any,
+                    method: Any = None) -> TrainerState:
+    """Restore model, optimizer, scheduler, RNG states (and the method's state) from ``path``; return the
+    loop's state. Every piece is overwritten, so a failed load followed by another checkpoint's is clean."""
+    import torch
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file, load_model
+
+    path = Path(path)
+    manifest = read_manifest(path, num_processes=accelerator.num_processes)
+    rank = accelerator.process_index
+    try:
+        saved = TrainerState(**_read_json(path, STATE_FILE))
+        if not isinstance(saved.step, int) or not isinstance(saved.pending, dict):
+            raise TypeError
+    except TypeError:
+        raise CheckpointDamaged(path, f"{STATE_FILE} does not hold a trainer state", file=STATE_FILE) from None
+
+    def damaged(name: str, exc: BaseException) -> CheckpointDamaged:
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        return CheckpointDamaged(path, f"{name}: {reason}", file=name)
+
+    try:
+        load_model(accelerator.unwrap_model(model), str(path / MODEL_FILE), strict=True)
+    except (SafetensorError, RuntimeError, OSError, ValueError) as exc:
+        raise damaged(MODEL_FILE, exc) from None
+    try:
+        tensors = load_file(str(path / OPTIMIZER_TENSORS))
+    except (SafetensorError, RuntimeError, OSError, ValueError) as exc:
+        raise damaged(OPTIMIZER_TENSORS, exc) from None
+    rest = _read_json(path, OPTIMIZER_REST)
+    try:
+        optimizer.load_state_dict(_join_optimizer_state(tensors, rest))
+    except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as exc:
+        raise damaged(f"{OPTIMIZER_TENSORS} / {OPTIMIZER_REST}", exc) from None
+    try:
+        scheduler.load_state_dict(_read_json(path, SCHEDULER_FILE))
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise damaged(SCHEDULER_FILE, exc) from None
+    scaler = getattr(accelerator, "scaler", None)
+    if scaler is not None:
+        if SCALER_FILE not in manifest["files"]:
+            raise CheckpointDamaged(path, f"{SCALER_FILE} is missing (the fp16 gradient scaler)", file=SCALER_FILE)
+        try:
+            scaler.load_state_dict(_read_json(path, SCALER_FILE))
+        except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+            raise damaged(SCALER_FILE, exc) from None
+    rng = f"rng_state_{rank}.json"
+    try:
+        _set_rng_state(_read_json(path, rng))
+    except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as exc:
+        raise damaged(rng, exc) from None
+    if hasattr(method, "load_state_dict"):
+        name = f"method_state_{rank}.pt"
+        if name not in manifest["files"]:
+            raise PreftuneError(f"the checkpoint has no {name} (the method's state)", path=str(path),
+                                hint="resume with the same method, or start over with resume: never")
+        try:
+            method.load_state_dict(torch.load(path / name, weights_only=True, map_location="cpu"))
+        except Exception as exc:  # noqa: BLE001 - the restricted unpickler raises many kinds; none runs code
+            raise damaged(name, exc) from None
+    return saved
+
+
+def read_config_values(path: Path) -> dict[str, Any]:
+    """The resolved config a checkpoint was trained with (``config.json``)."""
+    values = _read_json(Path(path), CONFIG_FILE)
+    if not isinstance(values, dict):
+        raise CheckpointDamaged(path, f"{CONFIG_FILE} does not hold a config", file=CONFIG_FILE)
+    return values
+
+
+def _read_json(path: Path, name: str) -> Any:
+    try:
+        text = (path / name).read_bytes().decode("utf-8")
+        return json.loads(text)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise CheckpointDamaged(path, f"{name} is not valid JSON ({type(exc).__name__})", file=name) from None
+    except OSError as exc:
+        raise CheckpointDamaged(path, f"{name} cannot be read ({exc.strerror or exc})", file=name) from None
+
+
+def _join_optimizer_state(tensors: dict[str, Any], rest: dict[str, Any]) -> dict[str, Any]:
+    """The inverse of ``_split_optimizer_state``."""
+    state: dict[int, dict[str, Any]] = {int(param): dict(values) for param, values in rest["state"].items()}
+    for key, tensor in tensors.items():
+        param, name = key.split("/", 1)
+        state[int(param)][name] = tensor
+    groups = [{k: tuple(v) if isinstance(v, list) and k != "params" else v for k, v in group.items()}
+              for group in rest["param_groups"]]
+    return {"state": state, "param_groups": groups}
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    import numpy as np
+    import torch
+
+    version, internal, gauss = state["python"]
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    python_state = (int(version), tuple(int(x) for x in internal), None if gauss is None else float(gauss))
+    numpy_state = (str(name), np.asarray(keys, dtype=np.uint32), int(pos), int(has_gauss), float(cached))
+    torch_state = torch.tensor(state["torch"], dtype=torch.uint8)
+    random.setstate(python_state)
+    np.random.set_state(numpy_state)
+    torch.set_rng_state(torch_state)
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
+    if "mps" in state and getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        torch.mps.set_rng_state(torch.tensor(state["mps"], dtype=torch.uint8))
