@@ -1,4 +1,5 @@
-"""The annotation UI in a real Chromium: two annotators, keys and clicks, a killed server, export, training.
+"""The annotation UI in a real Chromium: two annotators (one with a name in Chinese, Cyrillic and an emoji),
+keys and clicks, a cross-site form that tries to undo a label, a killed server, export, training.
 
 Starts `preftune annotate serve` in a subprocess on a free localhost port and drives Debian's Chromium
 (/usr/bin/chromium) with playwright's sync API. Set PREFTUNE_SCREENSHOT=docs/img/annotate.png to also
@@ -120,6 +121,15 @@ class Annotator:
         return self.page.inner_text("#progress-text")
 
 
+# A page on another site whose button posts to the annotation server's /undo as the victim: the browser
+# sends the victim's cookies along, so only the server's Origin check and session token stop it.
+EVIL_SITE = "http://evil.example/attack.html"
+EVIL_PAGE = """<!doctype html><meta charset="utf-8"><title>free prizes</title>
+<form method="post" action="{base}/undo"><input type="hidden" name="annotator" value="{name}">
+<button id="go" type="submit">claim</button></form>"""
+BOB = "李雷 Дмитрий 😀"
+
+
 def stored(db: Path) -> dict[str, list[tuple[str, str]]]:
     from preftune.data.annotations import AnnotationStore
 
@@ -146,7 +156,7 @@ def test_two_annotators_kill_restart_export_train(tmp_path: Path, tiny_model_dir
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=CHROMIUM, args=LAUNCH_ARGS)
             alice = Annotator(browser, base, "alice", "poets")
-            bob = Annotator(browser, base, "bob", "critics")
+            bob = Annotator(browser, base, BOB, "critics")
             assert alice.progress() == "0 of 6 labelled; 6 left"
             alice.answer("left", button="Left better")
             shot = tmp_path / "annotate.png"                # the label page, as in docs/annotate.md
@@ -161,11 +171,22 @@ def test_two_annotators_kill_restart_export_train(tmp_path: Path, tiny_model_dir
             bob.answer("left", key="1")
             bob.answer("skip", key="s")
             assert alice.progress() == "3 of 6 labelled; 3 left"
-            assert stored(db) == {"alice": alice.expected, "bob": bob.expected}
+            assert stored(db) == {"alice": alice.expected, BOB: bob.expected}
+            assert bob.page.inner_text(".who strong") == BOB
+
+            for who in (alice, bob):                        # another site tries to undo their last label
+                who.page.route(EVIL_SITE, lambda route, name=who.name: route.fulfill(
+                    content_type="text/html", body=EVIL_PAGE.format(base=base, name=name)))
+                who.page.goto(EVIL_SITE)
+                with who.page.expect_response(base + "/undo") as answer:
+                    who.page.click("#go")
+                assert answer.value.status == 403 and "another site" in who.page.inner_text(".problem")
+                who.page.goto(base + "/label")
+            assert stored(db) == {"alice": alice.expected, BOB: bob.expected}, "a cross-site POST changed labels"
 
             server.send_signal(signal.SIGKILL)              # no shutdown, no chance to flush anything
             server.wait(timeout=10)
-            assert stored(db) == {"alice": alice.expected, "bob": bob.expected}, "a saved label was lost"
+            assert stored(db) == {"alice": alice.expected, BOB: bob.expected}, "a saved label was lost"
             server = start_server(db, port, log)            # restart: the pairs are already in the db
 
             for who in (alice, bob):
@@ -183,7 +204,7 @@ def test_two_annotators_kill_restart_export_train(tmp_path: Path, tiny_model_dir
         server.kill()
         server.wait(timeout=10)
 
-    assert stored(db) == {"alice": alice.expected, "bob": bob.expected}
+    assert stored(db) == {"alice": alice.expected, BOB: bob.expected}
     n_skip = sum(c == "skip" for e in (alice.expected, bob.expected) for _, c in e)
     n_tie = sum(c == "tie" for e in (alice.expected, bob.expected) for _, c in e)
     runner = CliRunner()

@@ -96,8 +96,8 @@ def test_pairs_file_errors(tmp_path: Path) -> None:
                       {"prompt": "p", "response_a": "x", "response_b": "y"}])
     result = load_pairs_file(bad)
     assert len(result.pairs) == 1
-    assert any("1 rows with response_a == response_b" in n for n in result.notes)
-    assert any("1 rows repeat" in n for n in result.notes)
+    assert any("not loaded: 1 row with response_a == response_b" in n for n in result.notes)
+    assert any("loaded once: 1 row repeating" in n for n in result.notes)
 
 
 def test_generations_one_and_two_files(tmp_path: Path) -> None:
@@ -117,8 +117,8 @@ def test_generations_one_and_two_files(tmp_path: Path) -> None:
     # 1-A and 2-A pair up; 1-B is the same text in both (not loaded); 3-A has no partner
     assert [(p.response_a, p.response_b) for p in result.pairs] == [("x1", "X1"), ("x2", "X2")]
     assert result.pairs[0].meta["model_b"] == "dpo"
-    assert any("1 pairs with two identical" in n for n in result.notes)
-    assert any("1 completions in dpo.jsonl have no partner" in n for n in result.notes)
+    assert any("not loaded: 1 pair with two identical" in n for n in result.notes)
+    assert any("1 completion in dpo.jsonl has no partner" in n for n in result.notes)
 
 
 def test_choice_mapping_uses_stored_order() -> None:
@@ -287,7 +287,7 @@ def test_agreement_report_fleiss_picks_common_rater_count() -> None:
     rep = agreement(_labels(rows))
     assert (rep.method, rep.n_pairs, rep.raters_per_pair) == ("fleiss", 4, 3)
     assert rep.kappa == pytest.approx(11 / 41) and rep.agreement == pytest.approx(7 / 12)
-    assert "1 pairs with another number of raters left out" in rep.note
+    assert "1 pair with another number of raters left out" in rep.note
     xy = next(pw for pw in rep.pairwise if (pw.first, pw.second) == ("x", "y"))
     assert (xy.n_pairs, xy.agreement) == (5, pytest.approx(3 / 5))         # agree on 0, 1, 2
 
@@ -410,3 +410,95 @@ def test_threads_share_one_store(tmp_path: Path) -> None:
         losers = sum(pool.map(work, range(8)))
     assert losers == 7
     assert store.count_labels() == 8 * 20 + 1
+
+
+# --- files that are not annotation databases (issue 11) ---------------------------------------
+
+def _foreign_sqlite(path: Path) -> Path:
+    con = sqlite3.connect(path)
+    con.execute("CREATE TABLE users (id INTEGER, name TEXT)")
+    con.execute("INSERT INTO users VALUES (1, 'ann')")
+    con.commit()
+    con.close()
+    return path
+
+
+def test_store_refuses_files_that_are_not_annotation_databases(tmp_path: Path) -> None:
+    """A text file, another program's SQLite database, an empty file (for readers) and a folder are
+    refused with a PreftuneError naming the file, and left exactly as they were."""
+    text = tmp_path / "notes.txt"
+    text.write_text("hello\nnot a database\n")
+    foreign = _foreign_sqlite(tmp_path / "other.sqlite")
+    empty = tmp_path / "empty.sqlite"
+    empty.write_bytes(b"")
+    cases = [(text, True, "SQLite cannot read it"), (text, False, "SQLite cannot read it"),
+             (foreign, True, "has none of the tables"), (foreign, False, "has none of the tables"),
+             (empty, False, "holds no tables"), (tmp_path, True, "is a folder")]
+    for path, create, why in cases:
+        before = path.read_bytes() if path.is_file() else None
+        with pytest.raises(PreftuneError, match="not a preftune annotation database") as info:
+            AnnotationStore(path, create=create)
+        assert why in str(info.value) and str(path) in str(info.value), (path, create)
+        if before is not None:
+            assert path.read_bytes() == before, (path, create)
+    with pytest.raises(PreftuneError, match="no annotation database here"):
+        AnnotationStore(tmp_path / "missing.sqlite", create=False)
+    assert not (tmp_path / "missing.sqlite").exists()
+    assert AnnotationStore(empty).count_pairs() == 0             # an empty file may become a new database
+
+
+def test_store_secret_is_made_once_and_kept(tmp_path: Path) -> None:
+    first = AnnotationStore(tmp_path / "db.sqlite").secret()
+    assert len(first) == 64 and AnnotationStore(tmp_path / "db.sqlite").secret() == first
+    assert AnnotationStore(tmp_path / "other.sqlite").secret() != first
+
+
+def test_cli_refuses_what_is_not_an_annotation_database(tmp_path: Path) -> None:
+    """stats, export, load and serve on a non-SQLite file or a foreign SQLite database: one error line
+    naming the file, exit 1, no traceback, nothing written."""
+    runner = CliRunner()
+    text = tmp_path / "notes.txt"
+    text.write_text("hello\n")
+    foreign = _foreign_sqlite(tmp_path / "other.sqlite")
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": "q", "response_a": "A", "response_b": "B"}])
+    out = tmp_path / "prefs.jsonl"
+    for db in (text, foreign):
+        before = db.read_bytes()
+        for args in (["stats"], ["stats", "--json"], ["export", "-o", str(out)], ["load", "--pairs", str(pairs)],
+                     ["serve", "--pairs", str(pairs), "--port", "9"]):
+            res = runner.invoke(app, ["annotate", *args[:1], "--db", str(db), *args[1:]])
+            assert res.exit_code == 1, (db, args, res.output)
+            lines = res.output.strip().splitlines()
+            assert len(lines) == 1 and f"{db}: not a preftune annotation database" in lines[0], res.output
+            assert "Traceback" not in res.output
+        assert db.read_bytes() == before and not out.exists()
+
+
+def test_cli_export_needs_an_existing_database(tmp_path: Path) -> None:
+    runner = CliRunner()
+    res = runner.invoke(app, ["annotate", "export", "--help"], terminal_width=200)
+    said = " ".join(res.output.split())
+    assert "created if missing" not in said and "it must exist" in said
+    assert "created if missing" in " ".join(runner.invoke(app, ["annotate", "load", "--help"],
+                                                          terminal_width=200).output.split())
+    db, out = tmp_path / "missing.sqlite", tmp_path / "prefs.jsonl"
+    res = runner.invoke(app, ["annotate", "export", "--db", str(db), "-o", str(out)])
+    assert res.exit_code == 1 and f"{db}: no annotation database here" in res.output
+    assert not db.exists() and not out.exists()
+
+
+def test_cli_load_with_a_bad_pairs_file_creates_no_database(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("")
+    db = tmp_path / "new.sqlite"
+    res = CliRunner().invoke(app, ["annotate", "load", "--db", str(db), "--pairs", str(bad)])
+    assert res.exit_code == 1 and not db.exists(), res.output
+
+
+def test_cli_export_refuses_a_ties_file_before_writing(tmp_path: Path) -> None:
+    db, out = tmp_path / "ann.sqlite", tmp_path / "prefs.jsonl"
+    AnnotationStore(db).add_pairs(make_pairs(1))
+    res = CliRunner().invoke(app, ["annotate", "export", "--db", str(db), "-o", str(out),
+                                   "--ties-file", str(tmp_path / "t.jsonl")])
+    assert res.exit_code == 1 and "--ties-file is only used with --ties separate" in res.output
+    assert not out.exists()

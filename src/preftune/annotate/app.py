@@ -10,21 +10,28 @@ Pages:
 - ``POST /undo``: deletes the annotator's last label and shows that pair again.
 - ``GET /healthz``: "ok" with the number of pairs (for scripts waiting for the server).
 
-Bad input gets a clear HTTP error and changes nothing: 404 unknown pair id; 422 a missing form field,
+Every POST must come from this server's own pages: same Origin (or Referer) and the session token
+the page's forms carry (``csrf_token``), else HTTP 403 and nothing changes (see security.py).
+The name cookie holds the name percent-encoded (UTF-8), so names in every script work.
+
+Bad input gets a clear HTTP error and changes nothing: 403 a cross-site request or a missing or
+wrong session token; 413 a body over 64 KiB; 404 unknown pair id; 422 a missing form field,
 an unknown choice or order token, or a bad name; 400 an order token that does not match the order
 shown; 409 a second answer for the same pair, or an undo with nothing to undo.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
-from urllib.parse import quote
+from urllib.parse import quote, unquote
 
 from fastapi import FastAPI, Form, Request
 from fastapi.responses import HTMLResponse, PlainTextResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 
+from preftune.annotate.security import SESSION_COOKIE, CrossSiteError, Gate, Guard
 from preftune.data.annotations import (
     AnnotationStore,
     DuplicateLabelError,
@@ -38,43 +45,82 @@ from preftune.errors import PreftuneError
 
 HERE = Path(__file__).parent
 COOKIE = "preftune_annotator"
-STATUS = {UnknownPairError: 404, InvalidLabelError: 422, OrderMismatchError: 400,
+STATUS = {CrossSiteError: 403, UnknownPairError: 404, InvalidLabelError: 422, OrderMismatchError: 400,
           DuplicateLabelError: 409, NothingToUndoError: 409}
-TITLES = {400: "Bad request", 404: "Not found", 409: "Already done", 422: "Cannot read the answer"}
+TITLES = {400: "Bad request", 403: "Refused", 404: "Not found", 409: "Already done", 422: "Cannot read the answer"}
 
 
-def create_app(db: str | Path | AnnotationStore, *, title: str = "preftune annotate") -> FastAPI:
-    """Build the app around one annotation database (settings such as --per-pair live in the db)."""
+def read_name_cookie(value: str | None) -> str | None:
+    """The name in the cookie (percent-encoded UTF-8); None when absent or not decodable."""
+    if value is None:
+        return None
+    try:
+        return unquote(value, errors="strict")
+    except UnicodeDecodeError:
+        return None
+
+
+def create_app(db: str | Path | AnnotationStore, *, title: str = "preftune annotate",
+               allow_origins: Iterable[str] = (), hosts: Iterable[str] | None = None) -> FastAPI:
+    """Build the app around one annotation database (settings such as --per-pair live in the db).
+
+    ``allow_origins``: origins besides the server's own address (``Host``) whose pages may POST, e.g. a
+    proxy's ``https://label.example.org``. ``hosts``: when given, the only Host names served (the CLI
+    passes the loopback names when it listens on 127.0.0.1). Request bodies over 64 KiB get 413.
+    """
     store = db if isinstance(db, AnnotationStore) else AnnotationStore(db)
+    guard = Guard(store.secret(), allow_origins)
     app = FastAPI(title=title, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.store = store
+    app.add_middleware(Gate, hosts=None if hosts is None else tuple(hosts))
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
     templates = Jinja2Templates(directory=HERE / "templates")
 
     def page(request: Request, name: str, status: int = 200, **context: object) -> HTMLResponse:
-        return templates.TemplateResponse(request, name, {"title": title, **context}, status_code=status)
+        """A page whose forms carry this browser's session token (a new session when it has none)."""
+        session = guard.session_of(request.cookies)
+        fresh = session is None
+        if fresh:
+            session = guard.new_session()
+        resp = templates.TemplateResponse(request, name, {"title": title, "csrf_token": guard.token(session),
+                                                          **context}, status_code=status)
+        if fresh:
+            resp.set_cookie(SESSION_COOKIE, session, httponly=True, samesite="strict")
+        return resp
 
     def error(request: Request, exc: PreftuneError, annotator: str | None = None) -> HTMLResponse:
         status = next((code for cls, code in STATUS.items() if isinstance(exc, cls)), 400)
         return page(request, "error.html", status=status, heading=TITLES.get(status, "Error"),
                     message=str(exc), annotator=annotator)
 
+    def remember(resp: Response, annotator: str) -> Response:
+        resp.set_cookie(COOKIE, quote(annotator, safe=""), httponly=True, samesite="lax")
+        return resp
+
     def go_label(annotator: str, pair_id: str | None = None) -> RedirectResponse:
         url = f"/label?annotator={quote(annotator)}" + (f"&pair={quote(pair_id)}" if pair_id else "")
-        resp = RedirectResponse(url, status_code=303)
-        resp.set_cookie(COOKIE, annotator, httponly=True, samesite="lax")
-        return resp
+        return remember(RedirectResponse(url, status_code=303), annotator)
 
     def who(request: Request, given: str | None) -> str:
         """The annotator: a form field or query parameter first, else the cookie."""
-        return check_name(given if given is not None else request.cookies.get(COOKIE))
+        return check_name(given if given is not None else read_name_cookie(request.cookies.get(COOKIE)))
+
+    def refuse(request: Request, token: str | None) -> None:
+        """Raise CrossSiteError for a POST that is not from this server's own page (checked first)."""
+        guard.check(request.headers, request.cookies, token)
 
     @app.get("/", response_class=HTMLResponse)
     def start(request: Request) -> Response:
-        return page(request, "start.html", current=request.cookies.get(COOKIE, ""), n_pairs=store.count_pairs())
+        current = read_name_cookie(request.cookies.get(COOKIE)) or ""
+        return page(request, "start.html", current=current, n_pairs=store.count_pairs())
 
     @app.post("/start")
-    def start_post(request: Request, name: str | None = Form(None), group: str | None = Form(None)) -> Response:
+    def start_post(request: Request, name: str | None = Form(None), group: str | None = Form(None),
+                   csrf_token: str | None = Form(None)) -> Response:
+        try:
+            refuse(request, csrf_token)
+        except CrossSiteError as exc:
+            return error(request, exc)
         try:
             name = store.register_annotator(name or "", group)
         except PreftuneError as exc:
@@ -99,26 +145,28 @@ def create_app(db: str | Path | AnnotationStore, *, title: str = "preftune annot
             resp = page(request, "done.html", annotator=name, progress=progress)
         else:
             resp = page(request, "label.html", annotator=name, a=assignment, progress=progress)
-        if annotator is not None:
-            resp.set_cookie(COOKIE, name, httponly=True, samesite="lax")
-        return resp
+        return resp if annotator is None else remember(resp, name)
 
     @app.post("/label")
     def label_post(request: Request, annotator: str | None = Form(None), pair_id: str | None = Form(None),
-                   order: str | None = Form(None), choice: str | None = Form(None)) -> Response:
+                   order: str | None = Form(None), choice: str | None = Form(None),
+                   csrf_token: str | None = Form(None)) -> Response:
         missing = [k for k, v in (("pair_id", pair_id), ("order", order), ("choice", choice)) if v is None]
         try:
+            refuse(request, csrf_token)
             if missing:
                 raise InvalidLabelError(f"missing form field(s): {', '.join(missing)}", field=missing[0])
             name = who(request, annotator)
+            answer = go_label(name)          # built before the label is stored: nothing after it can fail
             store.record(pair_id=pair_id, annotator=name, side=choice, order=order)
         except PreftuneError as exc:
             return error(request, exc, annotator)
-        return go_label(name)
+        return answer
 
     @app.post("/undo")
-    def undo(request: Request, annotator: str | None = Form(None)) -> Response:
+    def undo(request: Request, annotator: str | None = Form(None), csrf_token: str | None = Form(None)) -> Response:
         try:
+            refuse(request, csrf_token)
             name = who(request, annotator)
             pair_id = store.undo(name)
         except PreftuneError as exc:

@@ -22,6 +22,7 @@ from itertools import combinations
 from pathlib import Path
 from typing import Any
 
+from preftune.core.winrate import count
 from preftune.data.annotations import Pair, content_id
 from preftune.data.jsonl import read_jsonl
 from preftune.errors import PreftuneError
@@ -87,9 +88,9 @@ def load_pairs_file(path: str | Path) -> LoadResult:
         seen[pid] = line
         pairs.append(Pair(id=pid, prompt=prompt, response_a=a, response_b=b,
                           meta={**meta, "source": f"{path.name}:{line}"}))
-    notes = [f"{same} rows with response_a == response_b not loaded (nothing to judge)"] if same else []
+    notes = [f"not loaded: {count(same, 'row')} with response_a == response_b (nothing to judge)"] if same else []
     if repeated:
-        notes.append(f"{repeated} rows repeat an earlier row's text and were loaded once")
+        notes.append(f"loaded once: {count(repeated, 'row')} repeating an earlier row's text")
     return LoadResult(pairs=pairs, notes=notes)
 
 
@@ -127,7 +128,7 @@ def load_generations(paths: list[str | Path]) -> LoadResult:
                 candidates.append((prompt, x["completion"], y["completion"], meta))
         single = sum(1 for rows in by_prompt.values() if len(rows) < 2)
         if single:
-            notes.append(f"{single} prompts with a single completion give no pair")
+            notes.append(f"no pair from {count(single, 'prompt')} with a single completion")
     else:
         keyed = [{(r["prompt"], r["completion_id"]): r for r in t} for t in tables]
         for key, x in keyed[0].items():
@@ -140,7 +141,8 @@ def load_generations(paths: list[str | Path]) -> LoadResult:
         for i, j in ((0, 1), (1, 0)):
             missing = len(set(keyed[i]) - set(keyed[j]))
             if missing:
-                notes.append(f"{missing} completions in {files[i].name} have no partner "
+                verb = "has" if missing == 1 else "have"
+                notes.append(f"{count(missing, 'completion')} in {files[i].name} {verb} no partner "
                              f"(same prompt and completion id) in {files[j].name}")
     pairs, same = [], 0
     for prompt, a, b, meta in candidates:
@@ -149,7 +151,7 @@ def load_generations(paths: list[str | Path]) -> LoadResult:
             continue
         pairs.append(Pair(id=content_id(prompt, a, b), prompt=prompt, response_a=a, response_b=b, meta=meta))
     if same:
-        notes.append(f"{same} pairs with two identical completions not loaded (nothing to judge)")
+        notes.append(f"not loaded: {count(same, 'pair')} with two identical completions (nothing to judge)")
     if not pairs:
         raise PreftuneError("no pairs could be made from the generations", path=", ".join(map(str, files)),
                             hint="; ".join(notes) or None)

@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from itertools import combinations
 
+from preftune.core.winrate import count
 from preftune.data.annotations import Label
 
 CATEGORIES = ("a", "b", "tie")
@@ -131,7 +132,7 @@ def agreement(labels: Sequence[Label]) -> AgreementReport:
     left_out = sum(rater_counts.values()) - len(table)
     note = f"Fleiss' kappa on the {len(table)} pairs with {n} raters each"
     if left_out:
-        note += f" ({left_out} pairs with another number of raters left out)"
+        note += f" ({count(left_out, 'pair')} with another number of raters left out)"
     return AgreementReport("fleiss", len(names), len(table), n, fleiss_observed(table), fleiss_kappa(table),
                            note, pairwise)
 

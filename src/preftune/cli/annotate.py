@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
+from rich.markup import escape
 
 from preftune.cli._common import console, handle_errors, print_json
 from preftune.errors import PreftuneError
@@ -15,24 +16,32 @@ annotate_app = typer.Typer(
 )
 
 DB_OPTION = typer.Option(..., "--db", help="The annotation database (SQLite; created if missing).")
+DB_EXISTING = typer.Option(..., "--db", help="The annotation database (SQLite) that `annotate serve` or "
+                           "`annotate load` wrote; it must exist.")
 
 
-def _load_into(store, pairs: Path | None, generations: list[Path] | None) -> None:
-    """Load pairs from a pairs file or generations files into the store and print what happened."""
+def _read_sources(pairs: Path | None, generations: list[Path] | None):
+    """Pairs from a pairs file or generations files (None when neither is given), read before the
+    database is opened, so a bad file leaves no new database behind."""
     from preftune.annotate.sources import load_generations, load_pairs_file
 
     if pairs is not None and generations:
         raise PreftuneError("give either --pairs or --generations, not both", field="pairs")
     if pairs is not None:
-        result = load_pairs_file(pairs)
-    elif generations:
-        result = load_generations(list(generations))
-    else:
+        return load_pairs_file(pairs)
+    if generations:
+        return load_generations(list(generations))
+    return None
+
+
+def _load_into(store, result) -> None:
+    """Add the pairs read by _read_sources to the store and print what happened."""
+    if result is None:
         return
     added, present = store.add_pairs(result.pairs)
     console.print(f"loaded {_n(added, 'new pair')} ({present:,} already in the database); {store.count_pairs():,} in all")
     for note in result.notes:
-        console.print(f"[yellow]note:[/] {note}")
+        console.print(f"[yellow]note:[/] {escape(note)}")
 
 
 def _n(k: int, noun: str) -> str:
@@ -45,7 +54,7 @@ def _open_store(db: Path, *, must_exist: bool):
     if must_exist and not db.exists():
         raise PreftuneError("no annotation database here", path=str(db),
                             hint="start one with `preftune annotate serve --pairs FILE --db PATH`")
-    return AnnotationStore(db)
+    return AnnotationStore(db, create=not must_exist)
 
 
 @handle_errors
@@ -62,21 +71,29 @@ def serve(
                                         "(skips do not count; 0 = every annotator). Default 1, kept in the db."),
     seed: int | None = typer.Option(None, "--seed", help="Seed for the left/right order (default 0, kept in "
                                     "the db)."),
+    allow_origin: list[str] | None = typer.Option(None, "--allow-origin", help="An origin (scheme://host[:port]) "
+                                                  "besides the server's own address whose pages may send "
+                                                  "answers, e.g. a proxy's https://label.example.org; "
+                                                  "repeatable."),
 ) -> None:
     """Load pairs (if given) and run the labelling web app until Ctrl-C."""
     import uvicorn
 
     from preftune.annotate.app import create_app
+    from preftune.annotate.security import loopback_hosts
 
+    origins = list(allow_origin or [])
+    hosts = loopback_hosts(host, origins)             # checks the origins before anything is loaded
+    result = _read_sources(pairs, generations)
     store = _open_store(db, must_exist=False)
     store.configure(per_pair=per_pair, seed=seed)
-    _load_into(store, pairs, generations)
+    _load_into(store, result)
     if store.count_pairs() == 0:
         raise PreftuneError("the database holds no pairs", path=str(db),
                             hint="load some with --pairs FILE or --generations FILE")
-    console.print(f"serving {store.count_pairs()} pairs from {db} (per pair: {store.per_pair or 'all'}, "
+    console.print(f"serving {_n(store.count_pairs(), 'pair')} from {escape(str(db))} (per pair: {store.per_pair or 'all'}, "
                   f"seed {store.seed}) at [bold]http://{host}:{port}/[/]", highlight=False)
-    uvicorn.run(create_app(store), host=host, port=port, log_level="warning")
+    uvicorn.run(create_app(store, allow_origins=origins, hosts=hosts), host=host, port=port, log_level="warning")
 
 
 @handle_errors
@@ -88,12 +105,13 @@ def load(
     """Load pairs into the database without serving (loading the same file twice adds nothing)."""
     if pairs is None and not generations:
         raise PreftuneError("nothing to load", field="pairs", hint="give --pairs FILE or --generations FILE")
-    _load_into(_open_store(db, must_exist=False), pairs, generations)
+    result = _read_sources(pairs, generations)
+    _load_into(_open_store(db, must_exist=False), result)
 
 
 @handle_errors
 def export(
-    db: Path = DB_OPTION,
+    db: Path = DB_EXISTING,
     output: Path = typer.Option(..., "--output", "-o", help="Preference JSONL to write."),
     ties: str = typer.Option("drop", "--ties", help="drop | keep (tie: true rows in the output) | separate."),
     ties_file: Path | None = typer.Option(None, "--ties-file", help="Where --ties separate writes ties "
@@ -106,6 +124,8 @@ def export(
     from preftune.annotate.export import preference_rows
     from preftune.data.jsonl import write_jsonl
 
+    if ties_file is not None and ties != "separate":
+        raise PreftuneError("--ties-file is only used with --ties separate", field="ties_file")
     store = _open_store(db, must_exist=True)
     result = preference_rows(store.labels(), ties=ties, min_agreement=min_agreement, min_labels=min_labels)
     write_jsonl(output, result.rows)
@@ -123,13 +143,11 @@ def export(
         path = ties_file or output.with_name(output.name.removesuffix(".jsonl") + ".ties.jsonl")
         write_jsonl(path, result.tie_rows)
         console.print(f"wrote {_n(len(result.tie_rows), 'tie')} to {path}", highlight=False)
-    elif ties_file is not None:
-        raise PreftuneError("--ties-file is only used with --ties separate", field="ties_file")
 
 
 @handle_errors
 def stats(
-    db: Path = DB_OPTION,
+    db: Path = DB_EXISTING,
     as_json: bool = typer.Option(False, "--json", help="Print everything as JSON."),
 ) -> None:
     """Counts per annotator and group, percent agreement and Cohen's or Fleiss' kappa."""
@@ -145,16 +163,17 @@ def stats(
         print_json({"pairs": store.count_pairs(), "labels": len(labels), "by_annotator": by_annotator,
                     "by_group": by_group, "agreement": report})
         return
-    console.print(f"{store.count_pairs()} pairs, {len(labels)} labels, {len(by_annotator)} annotators")
+    console.print(f"{_n(store.count_pairs(), 'pair')}, {_n(len(labels), 'label')}, "
+                  f"{_n(len(by_annotator), 'annotator')}", highlight=False)
     for title, counts in (("annotator", by_annotator), ("group", by_group)):
         table = Table(title=f"labels per {title}")
         for col in (title, "a", "b", "tie", "skip", "total"):
             table.add_column(col, justify="left" if col == title else "right")
         for key, c in counts.items():
-            table.add_row(key, *(str(c.get(k, 0)) for k in ("a", "b", "tie", "skip")), str(sum(c.values())))
+            table.add_row(escape(str(key)), *(str(c.get(k, 0)) for k in ("a", "b", "tie", "skip")), str(sum(c.values())))
         console.print(table)
     if report.method is None:
-        console.print(f"agreement: {report.note}")
+        console.print(f"agreement: {report.note}", highlight=False, markup=False)
         return
     kappa = "undefined (chance agreement is 1)" if report.kappa is None else f"{report.kappa:.4f}"
     name = "Cohen's" if report.method == "cohen" else "Fleiss'"
@@ -166,7 +185,7 @@ def stats(
         for col in ("first", "second", "pairs", "agreement", "kappa"):
             table.add_column(col, justify="left" if col in ("first", "second") else "right")
         for pw in report.pairwise:
-            table.add_row(pw.first, pw.second, str(pw.n_pairs), f"{100 * pw.agreement:.1f}%",
+            table.add_row(escape(pw.first), escape(pw.second), str(pw.n_pairs), f"{100 * pw.agreement:.1f}%",
                           "-" if pw.kappa is None else f"{pw.kappa:.4f}")
         console.print(table)
 

@@ -20,19 +20,34 @@ from __future__ import annotations
 
 import hashlib
 import json
+import secrets
 import sqlite3
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from preftune.data.annotation_records import (  # noqa: F401  (the store's interface)
+    CHOICES,
+    MAX_NAME_LENGTH,
+    SIDES,
+    Assignment,
+    DuplicateLabelError,
+    InvalidLabelError,
+    Label,
+    NothingToUndoError,
+    OrderMismatchError,
+    Pair,
+    Progress,
+    UnknownPairError,
+    check_name,
+    content_id,
+    order_token,
+    seeded_left_is_a,
+    side_to_choice,
+)
 from preftune.errors import PreftuneError
-
-SIDES = ("left", "right", "tie", "skip")
-CHOICES = ("a", "b", "tie", "skip")
-MAX_NAME_LENGTH = 64
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS settings (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -67,128 +82,7 @@ CREATE TABLE IF NOT EXISTS labels (
 );
 CREATE INDEX IF NOT EXISTS labels_by_annotator ON labels (annotator, id);
 """
-
-
-# --- errors the web app turns into HTTP statuses (store code knows nothing of HTTP) ---------------
-
-class UnknownPairError(PreftuneError):
-    """No pair with this id (HTTP 404)."""
-
-
-class InvalidLabelError(PreftuneError):
-    """A malformed answer: unknown choice, order token or annotator name (HTTP 422)."""
-
-
-class OrderMismatchError(PreftuneError):
-    """The left/right order token does not match the order stored for this annotator (HTTP 400)."""
-
-
-class DuplicateLabelError(PreftuneError):
-    """This annotator already labelled this pair (HTTP 409)."""
-
-
-class NothingToUndoError(PreftuneError):
-    """The annotator has no label to undo (HTTP 409)."""
-
-
-# --- records ------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Pair:
-    id: str
-    prompt: str
-    response_a: str
-    response_b: str
-    meta: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class Assignment:
-    """A pair as one annotator sees it: ``left_is_a`` says which response is on the left."""
-
-    pair: Pair
-    annotator: str
-    left_is_a: bool
-
-    @property
-    def left(self) -> str:
-        return self.pair.response_a if self.left_is_a else self.pair.response_b
-
-    @property
-    def right(self) -> str:
-        return self.pair.response_b if self.left_is_a else self.pair.response_a
-
-    @property
-    def order_token(self) -> str:
-        """"ab" when response_a is on the left, "ba" otherwise; sent back with the answer."""
-        return order_token(self.left_is_a)
-
-
-@dataclass(frozen=True)
-class Label:
-    pair_id: str
-    prompt: str
-    response_a: str
-    response_b: str
-    annotator: str
-    group: str | None
-    choice: str          # "a" | "b" | "tie" | "skip"
-    left_is_a: bool
-    created_at: str      # ISO 8601, UTC
-
-
-@dataclass(frozen=True)
-class Progress:
-    done: int            # labels this annotator gave (skips included)
-    left: int            # pairs still open to them (not labelled by them, fewer than K labels)
-
-    @property
-    def total(self) -> int:
-        return self.done + self.left
-
-
-# --- pure helpers -------------------------------------------------------------------------------
-
-def content_id(prompt: str, response_a: str, response_b: str) -> str:
-    """Default pair id: the first 16 hex digits of sha256 over the JSON list [prompt, a, b]."""
-    blob = json.dumps([prompt, response_a, response_b], ensure_ascii=False)
-    return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:16]
-
-
-def seeded_left_is_a(seed: int, pair_id: str, annotator: str) -> bool:
-    """A fair coin for the left/right order, fixed by (seed, pair id, annotator)."""
-    digest = hashlib.sha256(f"{seed}\x00{pair_id}\x00{annotator}".encode()).digest()
-    return digest[0] % 2 == 0
-
-
-def order_token(left_is_a: bool) -> str:
-    return "ab" if left_is_a else "ba"
-
-
-def side_to_choice(side: str, *, left_is_a: bool) -> str:
-    """Map the annotator's answer about positions to one about responses.
-
-    left -> a when response_a was shown on the left, else b; right -> the other; tie and skip stay.
-    """
-    if side not in SIDES:
-        raise InvalidLabelError(f"unknown choice {side!r}", field="choice",
-                                hint=f"use one of: {', '.join(SIDES)}")
-    if side == "left":
-        return "a" if left_is_a else "b"
-    if side == "right":
-        return "b" if left_is_a else "a"
-    return side
-
-
-def check_name(name: str | None, *, what: str = "annotator") -> str:
-    """Strip and validate a name (1-64 printable characters)."""
-    name = (name or "").strip()
-    if not name:
-        raise InvalidLabelError(f"no {what} name given", field=what, hint="enter a name on the start page")
-    if len(name) > MAX_NAME_LENGTH or not name.isprintable():
-        raise InvalidLabelError(f"{what} name must be 1-{MAX_NAME_LENGTH} printable characters",
-                                field=what)
-    return name
+_TABLES = frozenset({"settings", "pairs", "annotators", "assignments", "labels"})
 
 
 def _now() -> str:
@@ -200,18 +94,40 @@ def _now() -> str:
 class AnnotationStore:
     """All reads and writes of the annotation database (see the module docstring)."""
 
-    def __init__(self, path: str | Path, *, timeout_s: float = 10.0) -> None:
+    def __init__(self, path: str | Path, *, timeout_s: float = 10.0, create: bool = True) -> None:
+        """Open (and with ``create``, make) the database at ``path``.
+
+        A file that is not SQLite, or a SQLite database without this store's tables, is refused with a
+        PreftuneError and left untouched; ``create=False`` (for readers such as export and stats) also
+        refuses a missing or empty file instead of creating the tables.
+        """
         self.path = Path(path)
         self.timeout_s = timeout_s
         if self.path.parent and not self.path.parent.exists():
             raise PreftuneError("the folder for the annotation database does not exist",
                                 path=str(self.path), hint="create the folder or pick another --db path")
-        with self._connect() as con:
-            mode = con.execute("PRAGMA journal_mode=WAL").fetchone()[0]
-            if str(mode).lower() != "wal":
-                raise PreftuneError(f"could not switch the database to WAL mode (got {mode})",
-                                    path=str(self.path), hint="put the database on a local disk")
-            con.executescript(_SCHEMA)
+        if self.path.is_dir():
+            raise PreftuneError("is a folder, not a preftune annotation database", path=str(self.path))
+        if not create and not self.path.exists():
+            raise PreftuneError("no annotation database here", path=str(self.path),
+                                hint="start one with `preftune annotate serve --pairs FILE --db PATH`")
+        try:
+            with self._connect() as con:
+                tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+                missing, others = sorted(_TABLES - tables), tables - {"sqlite_sequence"}
+                if missing and (others or not create):
+                    what = ("holds no tables" if not others else f"lacks the table {missing[0]!r}"
+                            if others & _TABLES else f"has none of the tables {', '.join(sorted(_TABLES))}")
+                    raise PreftuneError(f"not a preftune annotation database (a SQLite file that {what})",
+                                        path=str(self.path))
+                mode = con.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+                if str(mode).lower() != "wal":
+                    raise PreftuneError(f"could not switch the database to WAL mode (got {mode})",
+                                        path=str(self.path), hint="put the database on a local disk")
+                con.executescript(_SCHEMA)
+        except sqlite3.DatabaseError as exc:
+            raise PreftuneError(f"not a preftune annotation database (SQLite cannot read it: {exc})",
+                                path=str(self.path)) from None
 
     @contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
@@ -251,6 +167,13 @@ class AnnotationStore:
         with self._write() as con:
             con.execute("INSERT INTO settings (key, value) VALUES (?, ?) "
                         "ON CONFLICT(key) DO UPDATE SET value = excluded.value", (key, str(value)))
+
+    def secret(self, key: str = "session_secret") -> str:
+        """A random secret kept in the settings (made on first use): the web app signs session tokens
+        with it, so the pages a browser holds stay valid across server restarts."""
+        with self._write() as con:
+            con.execute("INSERT OR IGNORE INTO settings (key, value) VALUES (?, ?)", (key, secrets.token_hex(32)))
+            return con.execute("SELECT value FROM settings WHERE key = ?", (key,)).fetchone()[0]
 
     @property
     def seed(self) -> int:
