@@ -36,7 +36,8 @@ test: $(STAMP) chromium lint
 
 # The main job: the offline Shakespeare pipeline (base model -> SFT -> simulated annotators -> reward model,
 # DPO, ORPO, PPO, RLOO -> evaluation against SFT -> demo_output/report.html). About 8 minutes on a 2-core CPU;
-# running it again skips every finished stage. `make demo DEMO_ARGS=--quick` is the one-minute version.
+# running it again skips every finished stage. `make demo DEMO_ARGS=--quick` runs the same stages on tiny
+# settings in under a minute on 2 CPU cores (measured figures: docs/demo.md).
 DEMO_ARGS ?=
 demo: $(STAMP)
 	$(BIN)/preftune demo --output demo_output $(DEMO_ARGS)

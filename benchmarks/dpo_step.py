@@ -17,6 +17,11 @@ Only real tokens are counted, not padding.
     python benchmarks/dpo_step.py --dtype bf16 --steps 10
     python benchmarks/dpo_step.py --fused-lm-head               # the fused_lm_head key
     python benchmarks/dpo_step.py --compare-fused --repeats 3   # full logits vs fused, fresh process each
+    OMP_NUM_THREADS=1 python benchmarks/dpo_step.py             # one thread (or --threads 1)
+
+Threads: --threads N, else OMP_NUM_THREADS when it is set, else the physical cores. Progress (the
+reference pass, each warmup and timed step, the matmul peaks, each run of --compare-fused) goes to
+stderr as it happens; the table and the summary line to stdout.
 """
 
 from __future__ import annotations
@@ -57,6 +62,27 @@ def physical_cores() -> int:
         n = None
     avail = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return max(1, min(n or avail, avail))
+
+
+def default_threads() -> tuple[int, str]:
+    """(threads, where the number came from): OMP_NUM_THREADS when set to a positive integer, else the
+    physical cores. (torch reads OMP_NUM_THREADS itself at start-up; the benchmark sets its thread
+    count explicitly, so it has to honour the variable too.)"""
+    env = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if env.isdigit() and int(env) > 0:
+        return int(env), "OMP_NUM_THREADS"
+    return physical_cores(), "physical cores"
+
+
+class Progress:
+    """One line per event on stderr, with the seconds since the start; silent with --no-progress."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled, self.t0 = enabled, time.perf_counter()
+
+    def __call__(self, message: str) -> None:
+        if self.enabled:
+            print(f"[{time.perf_counter() - self.t0:6.1f} s] {message}", file=sys.stderr, flush=True)
 
 
 def build_model(*, vocab: int, hidden: int, layers: int, heads: int, intermediate: int, seed: int):
@@ -159,7 +185,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--compile", action="store_true", help="torch.compile the model")
     ap.add_argument("--group-by-length", action="store_true",
                     help="batches of similar length (preftune.data.collate.length_grouped_order): less padding")
-    ap.add_argument("--threads", type=int, default=0, help="torch threads; 0 = physical cores")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="torch threads; 0 = OMP_NUM_THREADS when set, else the physical cores")
     ap.add_argument("--vocab", type=int, default=8192)
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--layers", type=int, default=4)
@@ -175,6 +202,7 @@ def main(argv: list[str] | None = None) -> None:
                     "--repeats times, and print the medians side by side")
     ap.add_argument("--repeats", type=int, default=3, help="runs per variant with --compare-fused")
     ap.add_argument("--json", type=Path, default=None, help="also write the summary figures to this file")
+    ap.add_argument("--no-progress", action="store_true", help="no progress lines on stderr")
     args = ap.parse_args(argv)
 
     if args.compare_fused:
@@ -190,7 +218,8 @@ def compare_fused(args: argparse.Namespace, argv: list[str]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    skip = {"--compare-fused", "--fused-lm-head"}
+    progress = Progress(not args.no_progress)
+    skip = {"--compare-fused", "--fused-lm-head", "--no-progress"}
     base, it = [], iter(argv)
     for a in it:
         if a in ("--repeats", "--json"):
@@ -198,14 +227,20 @@ def compare_fused(args: argparse.Namespace, argv: list[str]) -> None:
         elif a.split("=")[0] not in skip | {"--repeats", "--json"}:
             base.append(a)
     results: dict[str, list[dict[str, float]]] = {"logits": [], "fused": []}
+    total, done = args.repeats * len(results), 0
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.repeats):
             for name in results:
                 out = Path(tmp) / f"{name}-{r}.json"
-                cmd = [sys.executable, __file__, *base, "--json", str(out)]
+                cmd = [sys.executable, __file__, *base, "--json", str(out), "--no-progress"]
                 cmd += ["--fused-lm-head"] if name == "fused" else []
+                progress(f"run {done + 1}/{total}: {name}, repeat {r + 1} of {args.repeats} (a fresh process) ...")
                 subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
                 results[name].append(json.loads(out.read_text()))
+                done += 1
+                f = results[name][-1]
+                progress(f"run {done}/{total}: {name}: {f['median_step_s'] * 1000:,.0f} ms/step, "
+                         f"{f['tokens_per_s']:,.0f} tok/s, peak memory +{f['peak_memory_bytes'] / 2**20:,.0f} MiB")
     med = {name: {k: statistics.median(r[k] for r in runs) for k in runs[0]} for name, runs in results.items()}
     table = Table(title=f"DPO step, full logits vs fused lm_head: vocab {args.vocab}, hidden {args.hidden}, "
                         f"{args.dtype}, medians of {args.repeats} runs each")
@@ -257,7 +292,7 @@ def make_step(method, *, device: str, autocast_dtype, lr: float = 1e-4, max_grad
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
 
     def step(items) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        batch = {k: v.to(device) for k, v in method.collate(items).items()}
+        batch = to_device(method.collate(items), device)
         with _autocast(device, autocast_dtype):
             out = method.loss(model, batch, normaliser=float(method.units(batch)))
         out.loss.backward()
@@ -267,6 +302,11 @@ def make_step(method, *, device: str, autocast_dtype, lr: float = 1e-4, max_grad
         return out.loss.detach(), batch
 
     return step
+
+
+def to_device(batch: dict, device: str) -> dict:
+    """The batch's tensors on ``device``; other values (the annotator and group lists) as they are."""
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
 def fill_reference_logps(method, items, *, batch_size: int, device: str, autocast_dtype) -> tuple[int, float]:
@@ -281,7 +321,7 @@ def fill_reference_logps(method, items, *, batch_size: int, device: str, autocas
     with torch.no_grad():
         for s in range(0, len(items), batch_size):
             chunk = items[s : s + batch_size]
-            batch = {k: v.to(device) for k, v in method.collate(chunk).items()}
+            batch = to_device(method.collate(chunk), device)
             with _autocast(device, autocast_dtype):
                 logps = batch_logps(method.model, batch, fused=method.fused_lm_head)[0].float().cpu()
             for i, item in enumerate(chunk):
@@ -306,8 +346,10 @@ def run(args: argparse.Namespace) -> dict[str, float]:
     from rich.table import Table
 
     console = Console()
-    threads = args.threads or physical_cores()
+    progress = Progress(not args.no_progress)
+    threads, threads_from = (args.threads, "--threads") if args.threads else default_threads()
     torch.set_num_threads(threads)
+    progress(f"{args.device}, {args.dtype}, {threads} threads (from {threads_from}); building the model ...")
     device = args.device
     dtype = DTYPES[args.dtype]
     autocast_dtype = None if dtype == torch.float32 else dtype
@@ -326,6 +368,7 @@ def run(args: argparse.Namespace) -> dict[str, float]:
                             seed=args.seed)
     items = to_items(pairs)
     method = dpo_method(model, fused_lm_head=args.fused_lm_head)
+    progress(f"reference pass over {len(items)} pairs ...")
     ref_tokens, ref_time = fill_reference_logps(method, items, batch_size=args.batch_size, device=device,
                                                 autocast_dtype=autocast_dtype)
     if args.compile:
@@ -347,9 +390,14 @@ def run(args: argparse.Namespace) -> dict[str, float]:
         start = (next(cursor) * args.batch_size) % (len(order) - args.batch_size + 1)
         return [items[i] for i in order[start : start + args.batch_size]]
 
-    for _ in range(args.warmup):
+    progress(f"reference pass: {ref_tokens / ref_time:,.0f} tokens/s")
+    for w in range(args.warmup):
+        t0 = time.perf_counter()
         step(next_batch())
+        progress(f"warmup step {w + 1}/{args.warmup}: {(time.perf_counter() - t0) * 1000:,.0f} ms")
+    progress(f"matmul peak ({args.matmul_size}^2, {args.dtype}) ...")
     peak_before = dense_matmul_peak(dtype=dtype, device=device, size=args.matmul_size)
+    progress(f"matmul peak before the steps: {peak_before / 1e9:,.1f} GFLOP/s")
 
     batches = [next_batch() for _ in range(args.steps)]
     memory = PeakMemory(device)
@@ -371,7 +419,10 @@ def run(args: argparse.Namespace) -> dict[str, float]:
         tokens.append(int(collated["attention_mask"].sum()))
         padded.append(collated["attention_mask"].numel())
         losses.append(float(loss))
+        progress(f"step {len(times)}/{args.steps}: {times[-1] * 1000:,.0f} ms, {tokens[-1]:,} tokens, "
+                 f"loss {losses[-1]:.4f}")
     mem = memory.delta_bytes()
+    progress("matmul peak after the steps ...")
     peak = max(peak_before, dense_matmul_peak(dtype=dtype, device=device, size=args.matmul_size))
     if prof is not None:
         prof.__exit__(None, None, None)
@@ -387,7 +438,7 @@ def run(args: argparse.Namespace) -> dict[str, float]:
     table.add_column("quantity")
     table.add_column("value", justify="right")
     rows = [
-        ("device / dtype / threads", f"{device} / {args.dtype} / {threads}"),
+        ("device / dtype / threads", f"{device} / {args.dtype} / {threads} (from {threads_from})"),
         ("batch (pairs) / sequences per step", f"{args.batch_size} / {2 * args.batch_size}"),
         ("torch.compile / group by length", f"{args.compile} / {args.group_by_length}"),
         ("fused lm_head", f"{args.fused_lm_head}"),

@@ -11,3 +11,12 @@ def letters(prompt: str, completion: str) -> float:
     if not completion:
         return 0.0
     return sum(c.isascii() and c.isalpha() for c in completion) / len(completion)
+
+
+def spaces(prompt: str, completion: str) -> float:
+    """The share of the completion's characters that are spaces (0.0 for an empty completion): a second
+    group's taste that pulls against ``letters`` (a space is not a letter), for ``rewards:`` with
+    ``reward_aggregation: maxmin`` (examples/maxmin.yaml). The random tiny model writes few spaces."""
+    if not completion:
+        return 0.0
+    return completion.count(" ") / len(completion)

@@ -18,8 +18,10 @@ from preftune.compare import (
     compare_generations,
     compare_models,
     fit_logistic,
+    length_controlled_interval,
     length_controlled_win_rate,
     markdown_table,
+    summary_lines,
     write_report,
 )
 from preftune.errors import PreftuneError
@@ -111,14 +113,15 @@ def test_logistic_fit_recovers_known_coefficients():
 
 
 def test_length_controlled_ties_and_symmetry():
-    """All ties: every target is 1/2, the gradient vanishes at b = 0, so LC = sigmoid(0) = 1/2 exactly.
+    """The fit's arithmetic on tiny inputs (the data-size rule switched off with min_events=0).
+    All ties: every target is 1/2, the gradient vanishes at b = 0, so LC = sigmoid(0) = 1/2 exactly.
     Mirror-image data (a win at +d for every loss at -d and vice versa) also gives b0 = 0."""
-    lc = length_controlled_win_rate(["T"] * 6, [3, -1, 4, 1, -5, 9])
+    lc = length_controlled_win_rate(["T"] * 6, [3, -1, 4, 1, -5, 9], min_events=0)
     assert lc["win_rate"] == pytest.approx(0.5, abs=1e-9) and lc["intercept"] == pytest.approx(0.0, abs=1e-9)
-    mirror = length_controlled_win_rate(["W", "L", "W", "L", "L", "W"], [5, -5, -2, 2, 1, -1])
+    mirror = length_controlled_win_rate(["W", "L", "W", "L", "L", "W"], [5, -5, -2, 2, 1, -1], min_events=0)
     assert mirror["win_rate"] == pytest.approx(0.5, abs=1e-9)
-    same = length_controlled_win_rate(["W", "W", "L"], [0, 0, 0])  # no length variation: intercept only
-    assert same["slope"] == 0.0 and same["win_rate"] == pytest.approx(2 / 3, abs=1e-3)
+    same = length_controlled_win_rate(["W", "W", "L"], [0, 0, 0])  # equal lengths: intercept only, no rule
+    assert same["slope"] == 0.0 and same["win_rate"] == pytest.approx(2 / 3, abs=1e-3) and same["reason"] is None
 
 
 def _gumbel(text: str) -> float:
@@ -156,6 +159,108 @@ def test_length_controlled_win_rate_removes_a_pure_length_preference():
     assert lc["ci"][0] <= lc["win_rate"] <= lc["ci"][1]
 
 
+def _pairs(diffs: list[int], verdicts: str, per_prompt: int = 3) -> tuple[list[dict], list[dict]]:
+    """Baseline and candidate records whose k-th pair has length difference diffs[k] (candidate minus
+    baseline) and whose scripted verdict is verdicts[k]; per_prompt pairs per prompt."""
+    base, cand = [], []
+    for k, (d, v) in enumerate(zip(diffs, verdicts, strict=True)):
+        i, c = k // per_prompt + 1, "ABCDEFGH"[k % per_prompt]
+        base.append({"prompt_id": i, "prompt": f"p{i}", "completion_id": c, "completion": f"{v}{k}:" + "x" * 60})
+        cand.append({"prompt_id": i, "prompt": f"p{i}", "completion_id": c, "completion": f"{v}{k}:" + "y" * (60 + d)})
+    return base, cand
+
+
+def scripted(prompt: str, completion: str) -> float:
+    """Judge from the verdict written at the start of the text: the candidate (y...) gets 1 for W, 0 for
+    L, 0.5 for T; the baseline (x...) always 0.5."""
+    return 0.5 if "x" in completion else {"W": 1.0, "L": 0.0, "T": 0.5}[completion[0]]
+
+
+def test_length_controlled_refuses_the_issues_15_pairs():
+    """Issue 11: 15 pairs (5 prompts x 3), W 3 / L 12, the 3 wins being the 3 longest candidates
+    (+25, +30, +40 characters). Raw: 3/15 = 0.2. The logistic fit has no finite maximum (the wins are
+    separated from the losses by length: slope -> inf, and the boundary at +20 characters pushes b0 ->
+    -inf), so the old code reported sigmoid(b0) = 0.000002 with the interval [0.000000, 0.000133]:
+    every resample is separated too. Now: "not enough data", with the reason, and no interval."""
+    diffs = [-12, 3, 8, -5, 15, 1, 25, -3, 6, 11, 0, 30, -8, 4, 40]
+    verdicts = "".join("W" if d >= 20 else "L" for d in diffs)
+    res = compare_generations(*_pairs(diffs, verdicts), FunctionJudge(scripted), n_bootstrap=500, seed=0)
+    assert (res.wins, res.ties, res.losses) == (3, 0, 12) and res.win_rate == pytest.approx(0.2)
+    lc = res.length_controlled
+    assert lc["win_rate"] is None and lc["ci"] is None and lc["intercept"] is None
+    assert "separated by length: every win at a length difference of +25 or more, every loss at +15 or less" in lc["reason"]
+    line = summary_lines(res)[2]
+    assert line.startswith("length-controlled win rate: not enough data (the verdicts are separated by length")
+    assert json.loads(json.dumps(res.to_dict()))["length_controlled"]["win_rate"] is None
+
+
+@pytest.mark.parametrize(("diffs", "verdicts", "reason"), [
+    ([5, -3, 8, 1, 12, -7] * 5, "W" * 30, "the candidate won every judged pair"),
+    ([5, -3, 8, 1, 12, -7] * 5, "L" * 30, "the baseline won every judged pair"),
+    ([5, -3, 8, 1, 12, -7], "T" * 6, "too few decisive outcomes (0 wins, 0 losses, 6 ties)"),
+    ([7] * 30, "WLWWLT" * 5, "every pair has the same length difference (+7 characters)"),
+    (list(range(1, 16)) + list(range(-15, 0)), "W" * 15 + "L" * 15,
+     "separated by length: every win at a length difference of +1 or more, every loss at -1 or less"),
+    (list(range(-15, 0)) + [0] + list(range(1, 16)), "W" * 15 + "T" + "L" * 15,  # quasi-separation at 0
+     "separated by length: every win at a length difference of -1 or less, every loss at +1 or more"),
+    ([5, -3, 8, 1, 12, -7, 2, -2, 4, 9], "WLWLWLLWLW", "too few decisive outcomes (5 wins, 5 losses, 0 ties)"),
+])
+def test_length_controlled_says_not_enough_data(diffs, verdicts, reason):
+    """Each input admits no finite fit, or too few outcomes for one (the rarer outcome, a tie counting
+    half, must reach 10: Peduzzi et al. 1996): win rate None and the reason, whatever the bootstrap."""
+    lc = length_controlled_win_rate(list(verdicts), diffs)
+    assert lc["win_rate"] is None and lc["slope"] is None and reason in lc["reason"]
+    res = compare_generations(*_pairs(diffs, verdicts), FunctionJudge(scripted), n_bootstrap=100, seed=0)
+    assert res.length_controlled["win_rate"] is None and reason in res.length_controlled["reason"]
+
+
+def test_length_controlled_equal_lengths_is_the_raw_win_rate():
+    """All pairs of equal length: nothing to control, the intercept-only fit gives logit^-1(logit(raw))
+    = the raw win rate (0.6 here, W 9 / T 0 / L 6 over 15), even with few pairs."""
+    res = compare_generations(*_pairs([0] * 15, "WWLWLWWLWLWWLWL"), FunctionJudge(scripted), n_bootstrap=200)
+    assert res.win_rate == pytest.approx(0.6)
+    assert res.length_controlled["win_rate"] == pytest.approx(0.6, abs=1e-3) and res.length_controlled["slope"] == 0
+
+
+def test_length_controlled_nearly_separated_has_no_confident_interval():
+    """40 pairs (10 prompts x 4): 20 wins at +5..+50 characters, 20 losses at -5..-50 except one loss at
+    +10. The fit is finite (one loss overlaps the wins) but rests on that one pair: a resample misses its
+    prompt with probability 0.9^10 = 0.35 and is then separated. More than 2.5% degenerate resamples
+    -> "not enough data", and the JSON keeps the count."""
+    diffs = [5 * k for k in range(1, 11)] * 2 + [-5 * k for k in range(1, 11)] * 2
+    diffs[-1] = 10
+    verdicts = "W" * 20 + "L" * 20
+    assert length_controlled_win_rate(list(verdicts), diffs)["win_rate"] is not None  # the point fit exists
+    res = compare_generations(*_pairs(diffs, verdicts, per_prompt=4), FunctionJudge(scripted), n_bootstrap=400)
+    lc = res.length_controlled
+    assert lc["win_rate"] is None and lc["ci"] is None and "nearly separated" in lc["reason"]
+    assert 0.25 * 400 < lc["degenerate_resamples"] < 0.45 * 400
+
+
+def test_length_controlled_recovers_a_known_intercept_on_large_data():
+    """4,000 verdicts drawn from the model itself, P(W) = sigmoid(1 + 1.5 d / s), d ~ N(20, 40^2):
+    the length-controlled win rate should be sigmoid(1) = 0.731 (raw: about 0.77). The standard error of
+    b0 is about 0.04, i.e. 0.008 on the probability scale; we allow 0.03, and the interval (1,000 prompts
+    x 4, no degenerate resample) must cover the truth."""
+    rng = np.random.default_rng(0)
+    d = rng.normal(20, 40, 4000).round()
+    wins = rng.random(4000) < 1 / (1 + np.exp(-(1.0 + 1.5 * d / d.std())))
+    verdicts = ["W" if w else "L" for w in wins]
+    lc = length_controlled_win_rate(verdicts, d)
+    truth = 1 / (1 + math.exp(-1.0))
+    assert lc["reason"] is None and lc["win_rate"] == pytest.approx(truth, abs=0.03)
+    assert lc["slope"] == pytest.approx(1.5, abs=0.3)
+    boot = length_controlled_interval(verdicts, d, [k // 4 for k in range(4000)], scale=lc["scale"],
+                                      n_bootstrap=200, seed=0)
+    assert boot["degenerate"] == 0 and boot["ci"][0] <= truth <= boot["ci"][1]
+
+
+def test_fit_logistic_fails_loudly_instead_of_diverging():
+    """Without the ridge, separated data make the Hessian singular: an error, not a huge number."""
+    with pytest.raises(FloatingPointError):
+        fit_logistic([-2, -1, 1, 2], [0, 0, 1, 1], ridge=0.0)
+
+
 def test_mismatches_and_missing_judgements_are_reported_not_counted():
     """The candidate lacks 2-B, adds 3-A and has another prompt text for 1-B: only 1-A and 2-A pair up.
     The judge cannot decide 2-A (e.g. no human label): counts cover 1-A alone."""
@@ -171,7 +276,9 @@ def test_mismatches_and_missing_judgements_are_reported_not_counted():
     assert res.unmatched == {"only_in_baseline": ["2-B"], "only_in_candidate": ["3-A"], "prompt_mismatch": ["1-B"]}
     assert [(m["prompt_id"], m["completion_id"]) for m in res.missing] == [(2, "A")]
     assert (res.wins, res.ties, res.losses) == (1, 0, 0) and res.win_rate_ci is None
-    assert any("1 pairs were not judged" in n for n in res.notes)
+    assert any(n.startswith("1 pair was not judged") for n in res.notes)
+    assert summary_lines(res)[0].endswith("W 1 / T 0 / L 0 over 1 pair")  # not "1 pairs"
+    assert any(n.startswith("3 completions could not be paired and are left out") for n in res.notes)
     with pytest.raises(PreftuneError, match="no completion of dpo matches"):
         compare_generations(base, recs([(9, "A", "z")], "dpo"), PartlyBlind())
 
@@ -200,7 +307,10 @@ def test_write_report_files(tmp_path):
                                        "lengths.png"}
     data = json.loads((tmp_path / "cmp" / "comparison.json").read_text())
     assert data["win_rate"] == res.win_rate and data["wins"] == 2
-    assert "| 1 | prompt 1 | W | T | 1 | 1 | 0 |" in (tmp_path / "cmp" / "comparison.md").read_text()
+    markdown = (tmp_path / "cmp" / "comparison.md").read_text()
+    assert "| 1 | prompt 1 | W | T | 1 | 1 | 0 |" in markdown
+    assert ("length-controlled win rate: not enough data (the verdicts are separated by length: every win at a "
+            "length difference of +1 or more, every loss at -4 or less (characters)") in markdown  # longer wins, always
     page = (tmp_path / "cmp" / "comparison.html").read_text()
     assert "<td>prompt 1</td><td>W</td><td>T</td>" in page and "data:image/png;base64," in page
     assert all(p.stat().st_size > 0 for p in paths)
@@ -255,3 +365,108 @@ def test_cli_compare_three_files_and_errors(tmp_path):
     bad = _write(tmp_path / "bad.jsonl", [{"prompt_id": 1, "prompt": "p", "completion": "x"}])
     result = runner.invoke(app, ["compare", str(files[0]), str(bad), "--judge", judge, "--output", str(tmp_path)])
     assert result.exit_code == 1 and "bad.jsonl:1 field 'completion_id'" in result.output
+
+
+# ----------------------------------------------------------------------------- several judges (one per group)
+
+
+def first_half(prompt: str, completion: str) -> float:
+    """Prefers a candidate completion ('b...') on prompts 1-3 and the baseline's on prompts 4-6."""
+    return float(completion.startswith("b") == (int(prompt.split()[1]) <= 3))
+
+
+def second_half(prompt: str, completion: str) -> float:
+    """The opposite: prefers the candidate on prompts 4-6."""
+    return float(completion.startswith("b") == (int(prompt.split()[1]) > 3))
+
+
+HALVES_BASE = recs([(i, c, "a") for i in range(1, 7) for c in "AB"], "sft")
+HALVES_CAND = recs([(i, c, "b") for i in range(1, 7) for c in "AB"], "grpo")
+
+
+def test_several_judges_each_count_and_the_worst_by_hand():
+    """Judges longer (by_length) and shorter (minus the length) on BASE/CAND: longer W2 T1 L1 -> 0.625 (as
+    in the first test); shorter sees the mirror image, W1 T1 L2 -> 0.375, the worst. Each judge's result is
+    what judging with it alone gives, under its own name."""
+    judges = {"longer": FunctionJudge(by_length), "shorter": FunctionJudge(lambda p, c: -len(c))}
+    res = compare_generations(BASE, CAND, judges, n_bootstrap=200, seed=0)
+    assert list(res.by_judge) == ["longer", "shorter"]
+    assert [(r.judge, r.wins, r.ties, r.losses) for r in res.pairs] == [("longer", 2, 1, 1), ("shorter", 1, 1, 2)]
+    alone = compare_generations(BASE, CAND, FunctionJudge(by_length), n_bootstrap=200, seed=0)
+    assert (res.by_judge["longer"].win_rate, res.by_judge["longer"].win_rate_ci) == (alone.win_rate, alone.win_rate_ci)
+    worst = res.worst_judge_win_rate
+    assert worst["name"] == "shorter" and worst["win_rate"] == pytest.approx(0.375)
+    d = res.to_dict()
+    assert d["worst_judge"] == worst and set(d["by_judge"]) == {"longer", "shorter"}
+    assert d["by_judge"]["shorter"]["wins"] == 1 and (d["baseline"], d["candidate"]) == ("sft", "dpo")
+
+
+def test_worst_judge_interval_is_that_of_the_minimum_over_shared_resamples():
+    """Two groups that want opposite halves of 6 prompts: each judge's win rate is 0.5, but in a resample
+    that draws k of the first 3 prompts' copies the two are k/6 and 1 - k/6, so the minimum is at most
+    0.5 in every resample: the worst judge's interval ends at 0.5, while each judge alone reaches above.
+    With one judge the worst interval is that judge's own (the very same resamples)."""
+    judges = {"first": FunctionJudge(first_half), "second": FunctionJudge(second_half)}
+    res = compare_generations(HALVES_BASE, HALVES_CAND, judges, n_bootstrap=500, seed=3)
+    assert [r.win_rate for r in res.pairs] == [0.5, 0.5]
+    worst = res.worst_judge_win_rate
+    assert worst["name"] == "first" and worst["win_rate"] == 0.5       # a tie names the first judge given
+    assert worst["ci"][1] <= 0.5 < min(r.win_rate_ci[1] for r in res.pairs)
+    assert worst["ci"][0] <= min(r.win_rate_ci[0] for r in res.pairs)
+    one = compare_generations(HALVES_BASE, HALVES_CAND, {"first": FunctionJudge(first_half)}, n_bootstrap=500, seed=3)
+    assert one.worst_judge_win_rate["ci"] == one.by_judge["first"].win_rate_ci
+    with pytest.raises(PreftuneError, match="two files at a time"):
+        compare_models([HALVES_BASE, HALVES_CAND, HALVES_CAND], judges)
+    with pytest.raises(PreftuneError, match="mapping of non-empty names"):
+        compare_generations(HALVES_BASE, HALVES_CAND, {})
+
+
+def test_several_judges_report_side_by_side(tmp_path):
+    """comparison.md and .html hold one table with a row per judge and the worst row; a W/T/L plot per judge."""
+    judges = {"first": FunctionJudge(first_half), "second": FunctionJudge(second_half)}
+    res = compare_generations(HALVES_BASE, HALVES_CAND, judges, n_bootstrap=100, seed=0)
+    paths = write_report(res, tmp_path / "cmp")
+    assert {p.name for p in paths} == {"comparison.json", "comparison.md", "comparison.html", "lengths.png",
+                                       "wtl_grpo_vs_sft_first.png", "wtl_grpo_vs_sft_second.png"}
+    markdown = (tmp_path / "cmp" / "comparison.md").read_text()
+    assert "| judge | W | T | L | n | win rate | 95% CI | length-controlled |" in markdown
+    assert "| first | 6 | 0 | 6 | 12 | 0.500 |" in markdown and "| second | 6 | 0 | 6 | 12 | 0.500 |" in markdown
+    assert "| **worst: first** |  |  |  |  | **0.500** |" in markdown
+    assert "## grpo vs sft, judge second" in markdown
+    page = (tmp_path / "cmp" / "comparison.html").read_text()
+    assert "<td><strong>worst: first</strong></td>" in page
+    data = json.loads((tmp_path / "cmp" / "comparison.json").read_text())
+    assert data["worst_judge"]["name"] == "first" and data["by_judge"]["second"]["losses"] == 6
+
+
+def runner_invoke(args: list[str]):
+    return CliRunner().invoke(app, args)
+
+
+def test_cli_compare_several_judges(tmp_path):
+    """--judge NAME=SPEC repeated: a table per judge and the judges side by side; comparison.json carries
+    by_judge and worst_judge. A plain single --judge keeps the one-judge JSON. Errors: a name twice,
+    several judges with three files."""
+    base, cand = _write(tmp_path / "sft.jsonl", HALVES_BASE), _write(tmp_path / "grpo.jsonl", HALVES_CAND)
+    (tmp_path / "rules.py").write_text(
+        "def first(prompt, completion):\n    return float(completion.startswith('b') == (int(prompt.split()[1]) <= 3))\n"
+        "def second(prompt, completion):\n    return float(completion.startswith('b') == (int(prompt.split()[1]) > 3))\n")
+    rules = tmp_path / "rules.py"
+    verse, stage = ["--judge", f"verse=function:{rules}:first"], ["--judge", f"stage=function:{rules}:second"]
+    options = ["--n-bootstrap", "100", "--output", str(tmp_path / "o")]
+    result = runner_invoke(["compare", str(base), str(cand), *verse, *stage, *options])
+    assert result.exit_code == 0, result.output
+    out = " ".join(result.output.split())
+    assert "grpo vs sft, judge by judge" in out and "worst judge verse: win rate 0.500" in out
+    data = json.loads((tmp_path / "o" / "comparison.json").read_text())
+    assert list(data["by_judge"]) == ["verse", "stage"] and data["worst_judge"]["name"] == "verse"
+    assert data["judges"]["stage"] == f"function:{rules}:second"
+    plain = runner_invoke(["compare", str(base), str(cand), "--judge", f"function:{rules}:first",
+                           "--output", str(tmp_path / "p"), "--json", "--n-bootstrap", "50"])
+    assert plain.exit_code == 0 and "by_judge" not in json.loads(plain.output)
+    assert json.loads(plain.output)["wins"] == 6
+    twice = runner_invoke(["compare", str(base), str(cand), *verse, "--judge", f"verse=function:{rules}:second",
+                           *options])
+    assert twice.exit_code == 1 and "the judge name 'verse' is given twice" in twice.output
+    three = runner_invoke(["compare", str(base), str(cand), str(cand), *verse, *stage, *options])
+    assert three.exit_code == 1 and "two files at a time" in three.output

@@ -156,7 +156,7 @@ def test_every_key_has_type_default_and_help() -> None:
         assert [i.name for i in infos] == [f.name for f in dataclasses.fields(cls)]
         for info in infos:
             assert info.help, info.name
-            assert info.type.removesuffix(" | null") in ("bool", "int", "float", "str", "mapping"), info.name
+            assert info.type.removesuffix(" | null") in ("bool", "int", "float", "str", "mapping", "list"), info.name
 
 
 def test_parse_overrides_forms() -> None:
@@ -202,6 +202,120 @@ def test_cli_keys_markdown() -> None:
     result = CliRunner().invoke(app, ["train", "keys", "sft", "--markdown"])
     assert result.exit_code == 0
     assert "| `completion_only_loss` | bool | `true` |" in result.output
+    assert "| `learning_rate` | float > 0 | `2.0e-05` |" in result.output
+    assert "| `eval_batch_size` | int >= 1 or null | `null` |" in result.output
+
+
+# ---------------------------------------------------------------------------------------------- ranges
+def test_ranges_are_declared_once_checked_and_shown() -> None:
+    """opt(..., gt=/ge=/lt=/le=) is enforced by check_fields for any Config, shown by keys(), and null
+    passes an optional key's range."""
+    from dataclasses import dataclass
+
+    from preftune.config import Config, Range, opt
+
+    @dataclass
+    class Toy(Config):
+        rate: float = opt(0.1, "a rate", gt=0, le=1, why="it is a probability")
+        count: int | None = opt(None, "a count", ge=1)
+
+    assert [i.range for i in keys(Toy)] == ["in (0, 1]", ">= 1"]
+    assert [i.type_label() for i in keys(Toy)] == ["float in (0, 1]", "int >= 1 | null"]
+    assert from_mapping(Toy, {"rate": 1.0, "count": None}).rate == 1.0
+    with pytest.raises(PreftuneError, match=r"field 'rate': must be in \(0, 1\] \(got 0.0\): it is a probability"):
+        from_mapping(Toy, {"rate": 0})
+    with pytest.raises(PreftuneError, match="field 'count': must be >= 1"):
+        from_mapping(Toy, {"count": 0})
+    assert str(Range(0, False, 1, True)) == "in [0, 1)" and str(Range(high=5)) == "<= 5"
+    assert 0 in Range(0, False, 1, True) and 1 not in Range(0, False, 1, True)
+    with pytest.raises(TypeError):
+        opt(1, "both lower bounds", gt=0, ge=0)
+
+
+def test_a_key_a_method_redefines_keeps_its_range() -> None:
+    """A subclass that changes a key's default (learning_rate of sft, num_samples of rloo) must declare
+    the same range again: the range lives in the field, and a forgotten one would switch the check off."""
+    for spec in METHODS.values():
+        ranges = {i.name: i.range for i in keys(spec.config)}
+        for base in spec.config.__mro__[1:]:
+            if dataclasses.is_dataclass(base):
+                for info in keys(base):
+                    assert ranges[info.name] == info.range, (spec.name, base.__name__, info.name)
+
+
+def test_every_number_key_has_a_range() -> None:
+    """Every int and float key of every method says which values it takes (seed included)."""
+    for spec in METHODS.values():
+        for info in keys(spec.config):
+            if info.type.removesuffix(" | null") in ("int", "float"):
+                assert info.range, (spec.name, info.name)
+
+
+def test_cdpo_label_smoothing_above_half_is_refused() -> None:
+    """label_smoothing is the probability eps that a label is flipped: above 0.5 cDPO learns the reverse
+    preference, so training refuses it (the flat key and loss_kwargs alike) and says why."""
+    base = {"model": "m", "data": "d", "loss": "cdpo"}
+    assert from_mapping(DPOConfig, {**base, "label_smoothing": 0.49}).loss_hparams() == {"label_smoothing": 0.49}
+    with pytest.raises(PreftuneError, match=r"field 'label_smoothing': must be in \[0, 0.5\) \(got 0.7\).*reverse"):
+        from_mapping(DPOConfig, {**base, "label_smoothing": 0.7})
+    with pytest.raises(PreftuneError, match="field 'loss_kwargs.label_smoothing'"):
+        from_mapping(DPOConfig, {**base, "loss_kwargs": {"label_smoothing": 0.7}})
+
+
+# ---------------------------------------------------------------------------------------------- other tools' names
+@pytest.mark.parametrize(("cls", "name", "key"), [
+    (SFTConfig, "dataset_name", "--data"), (SFTConfig, "model_name_or_path", "--model"),
+    (SFTConfig, "per_device_train_batch_size", "--batch_size"), (SFTConfig, "num_train_epochs", "--epochs"),
+    (SFTConfig, "gradient_accumulation_steps", "--grad_accum"), (SFTConfig, "logging_steps", "--log_every"),
+    (SFTConfig, "save_steps", "--save_every"), (SFTConfig, "max_seq_length", "--max_length"),
+    (SFTConfig, "lora_r", "--lora.r"), (SFTConfig, "lora_alpha", "--lora.lora_alpha"),
+    (DPOConfig, "loss_type", "--loss"), (DPOConfig, "max_completion_length", "--max_length"),
+    (DPOConfig, "ref_model_name_or_path", "--ref_model"), (DPOConfig, "per_device_eval_batch_size", "--eval_batch_size"),
+])
+def test_other_tools_names_point_at_the_key(cls: type, name: str, key: str) -> None:
+    with pytest.raises(PreftuneError, match=f"did you mean {key}\\?") as err:
+        load_config(cls, None, ["--model", "m", "--data", "d", f"--{name}", "1"])
+    assert err.value.field == name.replace("-", "_")
+
+
+def test_a_yaml_alias_of_a_mapping_field_shows_the_mapping(tmp_path: Path) -> None:
+    path = _yaml(tmp_path, "model: m\ndata: d\nlora_r: 8\n")
+    with pytest.raises(PreftuneError, match=r"(?s)c.yaml:3 field 'lora_r'.*did you mean lora: \{r: \.\.\.\}\?"):
+        load_config(SFTConfig, path)
+
+
+def test_online_names_point_at_the_online_keys() -> None:
+    from preftune.train.ppo import PPOConfig
+
+    for name, key in [("max_completion_length", "--max_new_tokens"), ("beta", "--kl_coef"),
+                      ("num_ppo_epochs", "--update_epochs"), ("reward_model_path", "--reward")]:
+        with pytest.raises(PreftuneError, match=f"did you mean {key}\\?"):
+            load_config(PPOConfig, None, ["--model", "m", f"--{name}", "1"])
+
+
+def test_a_bare_flag_is_true_only_for_bool_keys() -> None:
+    """`--merge_lora` means true; `--beta` with no value is an error, not the string "true"."""
+    assert load_config(SFTConfig, None, ["--model", "m", "--data", "d", "--lora.r", "8", "--merge_lora"]).merge_lora
+    with pytest.raises(PreftuneError, match="--beta needs a value"):
+        load_config(DPOConfig, None, ["--model", "m", "--data", "d", "--beta"])
+
+
+def test_required_keys_say_how_to_give_them() -> None:
+    with pytest.raises(PreftuneError, match="field 'model': is required") as err:
+        load_config(DPOConfig, None, ["--data", "d"])
+    assert "--model" in err.value.hint
+
+
+def test_preflight_checks_paths_only_when_asked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Validation is about values: a config may name files that do not exist yet. preflight (called by
+    `run` and the CLI before anything loads) then checks them, naming the key."""
+    monkeypatch.chdir(tmp_path)
+    config = from_mapping(DPOConfig, {"model": "m", "data": "d.jsonl", "ref_model": "runs/sft/final"})
+    with pytest.raises(PreftuneError, match="field 'ref_model': no such directory"):
+        config.preflight()
+    (tmp_path / "d.jsonl").write_text("")
+    config = from_mapping(DPOConfig, {"model": "m", "data": "d.jsonl"})
+    config.preflight()  # a hub id and an existing file
 
 
 def test_docs_key_tables_are_generated_from_the_registry() -> None:

@@ -257,3 +257,40 @@ def test_cli_generate_errors_are_one_line(tiny_model_dir, tmp_path):
                                       "--output", str(tmp_path / "o.jsonl"), "--top-p", "0"])
     assert result.exit_code == 1
     assert "top_p must be in (0, 1]" in result.output and "Traceback" not in result.output
+
+
+def test_progress_bar_writes_nothing_when_not_a_terminal(capfd):
+    """Under pytest stdout and stderr are pipes: the bar must not draw, nor leave the blank line that a
+    transient rich bar printed into logs."""
+    from preftune.generate import progress_bar
+
+    with progress_bar(3, "generating", enabled=True) as advance:
+        advance(3)
+    assert capfd.readouterr() == ("", "")
+
+
+def test_line_separators_inside_a_completion_survive_the_round_trip(tmp_path):
+    """U+2028, U+2029 and U+0085 are line breaks to str.splitlines but may stand unescaped in a JSON string
+    (json.dumps(ensure_ascii=False) writes them so): a completion holding one is read back whole."""
+    from preftune.data.jsonl import read_records
+
+    recs = [{"prompt_id": 1, "prompt": "p", "completion_id": "A", "completion": "one\u2028two\u2029three\x85four"}]
+    jsonl, _ = write_generations(recs, tmp_path / "gen.jsonl")
+    assert read_records(jsonl) == recs
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a\u2028b\nc\r\nd\n", encoding="utf-8")
+    assert load_prompts(prompts) == ["a\u2028b", "c", "d"]
+
+
+def test_cli_generate_checks_counts_and_output_before_loading_the_model(tmp_path):
+    """The model path does not exist: each error comes from the checks that run before it would load."""
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("x\n")
+    base = ["generate", "--model", str(tmp_path / "no-model"), "--prompts", str(prompts)]
+    for extra, expected in ((["--num", "0"], "field 'num': num must be >= 1, got 0"),
+                            (["--batch_size", "0"], "field 'batch_size': batch_size must be >= 1, got 0"),
+                            (["--output", str(tmp_path)], "field 'output': the output is a directory")):
+        args = [*base, *(["--output", str(tmp_path / "o.jsonl")] if "--output" not in extra else []), *extra]
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == 1 and expected in " ".join(result.output.split()), result.output
+        assert "prompts from" not in result.output  # nothing was loaded, not even the prompts

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import textwrap
 from pathlib import Path
 
@@ -65,6 +66,46 @@ def test_function_specs_from_module_and_file(tmp_path, monkeypatch):
         load_function("no_such_module_here:score")
     with pytest.raises(PreftuneError, match="file not found"):
         load_function(str(tmp_path / "missing.py") + ":score")
+
+
+def nan_rule(prompt: str, completion: str) -> float:
+    return float("nan") if "x" in completion else 1.0
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_function_judge_nan_or_inf_is_an_error_naming_the_prompt(bad):
+    """Issue 11: a NaN score made every comparison a tie (NaN > x is False both ways), silently. NaN
+    and +-inf are errors naming the function and the prompt, for the judge and for `reward:` of the
+    online methods (load_scorer)."""
+    from preftune.models.rewards import load_scorer
+
+    judge = FunctionJudge(lambda prompt, completion: bad if completion == "b" else 0.0)
+    judge.name = "function:rules.py:score"
+    with pytest.raises(PreftuneError) as info:
+        judge.judge(["Shall I compare thee", "To be or\nnot to be"], [("a", "a"), ("a", "b")])
+    first = str(info.value).splitlines()[0]
+    assert first == (f"field 'judge': the scoring function function:rules.py:score gave the score {bad} for the "
+                     "prompt 'To be or not to be' (completion 'b')")
+    with pytest.raises(PreftuneError, match=r"the scoring function nan_rule gave the score nan for the prompt 'p'"):
+        load_scorer(nan_rule)(["p", "p"], ["ok", "x"])
+
+
+def test_score_judge_subclass_and_llm_judge_nan_are_errors():
+    """Any ScoreJudge is checked (not only functions and reward models); an LLM judge's NaN
+    log-probability would make both orders a tie."""
+    from preftune.judges import ScoreJudge
+
+    class Broken(ScoreJudge):
+        name = "broken"
+
+        def scores(self, prompts, completions):
+            return [float("nan")] * len(completions)
+
+    with pytest.raises(PreftuneError, match="the judge broken gave the score nan for the prompt 'p'"):
+        Broken().judge(["p"], [("a", "b")])
+    llm = LLMJudge(scorer=lambda texts: [(float("nan"), -1.0)] * len(texts))
+    with pytest.raises(PreftuneError, match="NaN log-probability for the prompt 'q'"):
+        llm.judge(["q"], [("a", "b")])
 
 
 def test_make_judge_rejects_unknown_specs():
@@ -148,6 +189,20 @@ def test_reward_model_judge_is_antisymmetric_and_ties_identical_texts(tiny_model
     assert wide.judge(prompts, pairs) == [None, None, None]
 
 
+def test_reward_model_nan_scores_are_an_error(tiny_model_dir):
+    """A reward model whose score head holds NaN (broken weights, fp16 overflow) gave NaN rewards and
+    every pair tied; now the first NaN names the model and the prompt."""
+    from preftune.models import load_reward_model, load_tokenizer
+
+    tok = load_tokenizer(str(tiny_model_dir))
+    model = load_reward_model(str(tiny_model_dir), dtype="float32", tokenizer=tok)
+    with torch.no_grad():
+        model.score.weight.fill_(float("nan"))
+    with pytest.raises(PreftuneError, match="the reward model LlamaForSequenceClassification gave the score nan "
+                                            "for the prompt 'To be'"):
+        RewardModelJudge(model=model, tokenizer=tok).judge(["To be"], [("or not", "that is")])
+
+
 # --- human judge -----------------------------------------------------------------------------
 
 
@@ -206,10 +261,62 @@ def test_majority_uses_each_annotators_latest_label_and_rejects_unknown_choices(
         HumanJudge("no/such/file.db")
 
 
-def test_reward_and_llm_judges_load_from_a_directory(tiny_model_dir):
-    """`reward:DIR` and `llm:DIR` load the model the normal way (from_pretrained) and judge every pair."""
+@pytest.fixture(scope="module")
+def reward_model_dir(tiny_model_dir, tmp_path_factory) -> Path:
+    """The tiny causal LM saved as a reward model (LlamaForSequenceClassification with its score head)."""
+    from preftune.models import load_reward_model, load_tokenizer
+
+    out = tmp_path_factory.mktemp("judge-rm") / "rm"
+    tok = load_tokenizer(str(tiny_model_dir))
+    load_reward_model(str(tiny_model_dir), dtype="float32", tokenizer=tok).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def test_reward_judge_refuses_a_language_model_without_reward_head(tiny_model_dir):
+    """Issue 11: `reward:DIR` with a causal LM loaded a random score head (its warning suppressed) and
+    printed a confident win rate. The checkpoint's config names LlamaForCausalLM only: refused before
+    the weights load, naming the directory, for the judge and for `reward:` of the online methods."""
+    from preftune.models.rewards import load_scorer
+
+    with pytest.raises(PreftuneError, match="without a trained reward head") as info:
+        make_judge(f"reward:{tiny_model_dir}")
+    text = str(info.value)
+    assert text.startswith(f"{tiny_model_dir} field 'judge': a language model (LlamaForCausalLM)")
+    assert "preftune train reward" in text and len(text.splitlines()) == 2  # one line + the hint
+    with pytest.raises(PreftuneError, match="without a trained reward head") as info:
+        load_scorer(str(tiny_model_dir))
+    assert info.value.field == "reward"
+
+
+@pytest.mark.parametrize(("architectures", "refused"), [
+    (["GPT2LMHeadModel"], "a language model (GPT2LMHeadModel) without a trained reward head"),
+    (["GPT2Model"], "a model (GPT2Model) without a trained reward head"),
+    (["GPT2ForSequenceClassification"], None),
+    (["LlamaForRewardModelWithGating"], None),  # a custom reward class (trust_remote_code models)
+    (None, None),  # no architecture named: left to the loader
+])
+def test_reward_checkpoint_check_reads_the_config_only(tmp_path, architectures, refused):
+    """The check needs config.json alone (no weights are read): it runs before the model loads."""
+    import json
+
+    from preftune.models.rewards import check_reward_checkpoint
+
+    config = {"model_type": "gpt2", **({"architectures": architectures} if architectures else {})}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    if refused is None:
+        check_reward_checkpoint(str(tmp_path))
+    else:
+        with pytest.raises(PreftuneError, match=re.escape(refused)):
+            check_reward_checkpoint(str(tmp_path))
+    check_reward_checkpoint(str(tmp_path / "no-such-dir"))  # the loader reports a bad path in its words
+
+
+def test_reward_and_llm_judges_load_from_a_directory(tiny_model_dir, reward_model_dir):
+    """`reward:DIR` (a reward model) and `llm:DIR` (a causal LM) load the model the normal way
+    (from_pretrained) and judge every pair."""
     prompts, pairs = ["To be", "Shall I"], [("or not", "that is"), ("compare", "compare")]
-    for spec in (f"reward:{tiny_model_dir}", f"llm:{tiny_model_dir}"):
+    for spec in (f"reward:{reward_model_dir}", f"llm:{tiny_model_dir}"):
         judge = make_judge(spec, batch_size=2)
         out = judge.judge_pairs(prompts, pairs)
         assert judge.name == spec and len(out.choices) == 2 and out.missing == []

@@ -8,7 +8,6 @@ from __future__ import annotations
 import math
 import os
 import random
-import shutil
 import signal
 from pathlib import Path
 
@@ -256,18 +255,24 @@ def test_lora_trains_only_the_adapter(tiny_model_dir: Path, tmp_path: Path) -> N
 
 
 def test_resume_with_other_batch_settings_is_refused(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """A rerun into the run's output_dir with other batch settings is refused, naming each differing key
+    (old -> new; see tests/test_resume_safety.py for the rest); the data plan is checked as well, for data
+    that changed under the same settings (here in memory; in a file, rewritten in place). resume: never
+    starts over: the old checkpoints go and metrics.jsonl starts afresh."""
     from preftune.errors import PreftuneError
 
     out = tmp_path / "run"
     train(SFTMethod(examples=EXAMPLES), _config(tiny_model_dir, out, batch_size=2, max_steps=2, save_every=1))
-    with pytest.raises(PreftuneError, match="global_batch = 2"):
+    with pytest.raises(PreftuneError, match="other settings, which is not continued: batch_size: 2 -> 4"):
         train(SFTMethod(examples=EXAMPLES), _config(tiny_model_dir, out, batch_size=4, max_steps=2))
-    with pytest.raises(PreftuneError, match="group_by_length = False, this run has True"):
+    with pytest.raises(PreftuneError, match="group_by_length: false -> true"):
         train(SFTMethod(examples=EXAMPLES), _config(tiny_model_dir, out, batch_size=2, max_steps=2,
                                                     group_by_length=True))
-    shutil.rmtree(out / "checkpoints")
-    train(SFTMethod(examples=EXAMPLES), _config(tiny_model_dir, out, batch_size=4, max_steps=1))
+    with pytest.raises(PreftuneError, match="num_items = 8, this run has 6"):
+        train(SFTMethod(examples=EXAMPLES[:6]), _config(tiny_model_dir, out, batch_size=2, max_steps=2))
+    train(SFTMethod(examples=EXAMPLES), _config(tiny_model_dir, out, batch_size=4, max_steps=1, resume="never"))
     assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == [1]  # a fresh run starts a fresh file
+    assert not (out / "checkpoints").exists()
 
 
 def test_too_few_examples_for_one_step(tiny_model_dir: Path, tmp_path: Path) -> None:

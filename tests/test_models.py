@@ -141,7 +141,118 @@ def test_lora_adapter_disabled_is_the_base_model(tiny_model_dir, tiny_tokenizer)
 
 
 def test_load_tokenizer_of_a_missing_model_is_a_clear_error(tmp_path):
+    """A missing local path is "no such directory" (not a hub "repo id" error), named by the given key."""
     from preftune.errors import PreftuneError
 
-    with pytest.raises(PreftuneError, match="cannot load a tokenizer"):
-        load_tokenizer(str(tmp_path / "nope"))
+    with pytest.raises(PreftuneError, match="no such directory") as err:
+        load_tokenizer(str(tmp_path / "nope"), field="ref_model")
+    assert err.value.field == "ref_model" and "Repo id" not in str(err.value)
+
+
+# ---------------------------------------------------------------------------------------------- where a model is
+@pytest.mark.parametrize(("text", "path"), [
+    ("./runs/x", True), ("/tmp/nope", True), ("~/models/m", True), ("../m", True), (".", True),
+    ("runs/sft/final", True),   # three parts: a hub id has at most two
+    ("runs/sft/", True), ("C:\\models\\m", True), ("a--b", True), ("-m", True), ("a..b/c", True),
+    ("gpt2", False), ("org/model", False), ("Qwen/Qwen2.5-0.5B-Instruct", False), ("m", False),
+    ("meta-llama/Llama-3.1-8B", False), ("in-memory", False),
+])
+def test_what_looks_like_a_local_path(text, path, tmp_path, monkeypatch):
+    """The rule that decides "no such directory" against a hub error (run from an empty directory)."""
+    from preftune.models.load import looks_like_path
+
+    monkeypatch.chdir(tmp_path)
+    assert looks_like_path(text) is path
+
+
+def test_a_two_part_name_under_an_existing_folder_is_a_path(tmp_path, monkeypatch):
+    """``runs/x`` is a well-formed hub id, but when ./runs exists it can only mean that folder's x."""
+    from preftune.errors import PreftuneError
+    from preftune.models.load import looks_like_path, model_source
+
+    monkeypatch.chdir(tmp_path)
+    assert not looks_like_path("runs/sft-tinny")
+    (tmp_path / "runs" / "sft-tiny").mkdir(parents=True)
+    assert looks_like_path("runs/sft-tinny")
+    with pytest.raises(PreftuneError, match="no such directory: 'runs/sft-tinny'") as err:
+        model_source("runs/sft-tinny", field="ref_model")
+    assert err.value.field == "ref_model" and "did you mean runs/sft-tiny?" in err.value.hint
+
+
+def test_model_source_names_the_problem(tmp_path, tiny_model_dir, monkeypatch):
+    """A model directory and a hub id pass; a file, a run directory (its model is in final/) and a
+    directory without config.json are errors that say what the path is and name the key."""
+    from preftune.errors import PreftuneError
+    from preftune.models.load import model_source
+
+    monkeypatch.chdir(tmp_path)
+    assert model_source(str(tiny_model_dir)) == "dir"
+    assert model_source("org/model") == "hub" and model_source("gpt2") == "hub"
+    (tmp_path / "weights.bin").write_bytes(b"")
+    with pytest.raises(PreftuneError, match="is a file, not a model directory") as err:
+        model_source(str(tmp_path / "weights.bin"), field="reward")
+    assert err.value.field == "reward"
+    run = tmp_path / "run"
+    (run / "final").mkdir(parents=True)
+    (run / "final" / "config.json").write_text("{}")
+    with pytest.raises(PreftuneError, match="not a model directory") as err:
+        model_source(str(run), field="value_model")
+    assert err.value.field == "value_model" and f"did you mean {run / 'final'}?" in err.value.hint
+
+
+def test_a_hub_id_offline_and_not_cached_says_how_to_download(tmp_path, monkeypatch):
+    """HF_HUB_OFFLINE=1: a hub id the local cache lacks is refused before loading, naming the key and
+    `hf download`; once the cache holds its config.json it passes (a fake snapshot, no download)."""
+    import huggingface_hub.constants
+
+    from preftune.errors import PreftuneError
+    from preftune.models.load import check_model
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
+    for name in ("gpt2", "org/model"):
+        with pytest.raises(PreftuneError, match="not in the local Hugging Face cache") as err:
+            check_model(name, field="ref_model")
+        assert err.value.field == "ref_model" and f"hf download {name}" in err.value.hint
+    repo = tmp_path / "cache" / "models--org--model"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("abc123")
+    (repo / "snapshots" / "abc123").mkdir(parents=True)
+    (repo / "snapshots" / "abc123" / "config.json").write_text("{}")
+    assert check_model("org/model", field="ref_model") == "hub"
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    assert check_model("gpt2") == "hub"  # online: left to from_pretrained (which may download it)
+
+
+def test_loader_errors_name_the_key_they_came_from(tmp_path, tiny_model_dir):
+    """A missing reference model is reported as `ref_model`, not `model` (load_reference's key)."""
+    from preftune.errors import PreftuneError
+    from preftune.models.load import build_reference
+
+    policy = load_policy(str(tiny_model_dir))
+    with pytest.raises(PreftuneError, match="no such directory") as err:
+        build_reference(policy, ref_model=str(tmp_path / "no-ref"), lora=None)
+    assert err.value.field == "ref_model"
+
+
+def test_hub_load_failures_are_one_line_naming_the_key(tmp_path, monkeypatch):
+    """What from_pretrained raises for a hub id (no network, unknown repo) becomes one line that names the
+    key and says what to do; a local directory that fails to load keeps the loader's words, on one line."""
+    from preftune.models.load import _load_error
+
+    monkeypatch.chdir(tmp_path)
+    offline = OSError("We couldn't connect to 'https://huggingface.co' to load the files, and couldn't find them "
+                      "in the cached files.\nCheck your internet connection or see how to run the library in "
+                      "offline mode at 'https://huggingface.co/docs/transformers/installation#offline-mode'.")
+    err = _load_error("org/model", offline, field="ref_model", what="model")
+    assert err.field == "ref_model" and "not in the local Hugging Face cache" in err.message
+    assert "HF_HUB_OFFLINE=1" in err.message and "hf download org/model" in err.hint
+    unknown = OSError("org/nope is not a local folder and is not a valid model identifier listed on "
+                      "'https://huggingface.co/models'")
+    err = _load_error("org/nope", unknown, field="reward", what="model")
+    assert err.field == "reward" and err.message == "no model 'org/nope' on the Hugging Face hub and no local directory of that name"
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "config.json").write_text("{}")
+    err = _load_error(str(tmp_path / "broken"), ValueError("Unrecognized model\nin broken"), field="model", what="model")
+    assert err.message.startswith("cannot load a model from") and "\n" not in err.message

@@ -79,3 +79,19 @@ def test_score_reports_a_missing_field_clearly(reward_dir, tmp_path):
                                       "--output", str(tmp_path / "o.jsonl")])
     assert result.exit_code == 1
     assert "gens.jsonl:2" in result.output and "prompt" in result.output
+
+
+def test_score_refuses_a_language_model_without_reward_head(tiny_model_dir, reward_dir, tmp_path):
+    """Issue 11: `preftune score --model` with a causal LM scored with a freshly random head and printed
+    an accuracy. Its config names LlamaForCausalLM only: a one-line error naming the directory, before
+    any weights load; the reward model saved from the same backbone (with its head) scores."""
+    data = _jsonl(tmp_path / "prefs.jsonl", [{"prompt": "To be, ", "chosen": "or not to be", "rejected": "the sea"}])
+    bad = CliRunner().invoke(app, ["score", "--model", str(tiny_model_dir), "--data", str(data),
+                                   "--output", str(tmp_path / "o.jsonl")])
+    assert bad.exit_code == 1 and not (tmp_path / "o.jsonl").exists()
+    flat = " ".join(bad.output.split())
+    assert f"{tiny_model_dir} field 'model': a language model (LlamaForCausalLM) without a trained reward head" in flat
+    assert "hint: train one with `preftune train reward" in flat and "Traceback" not in bad.output
+    good = CliRunner().invoke(app, ["score", "--model", str(reward_dir), "--data", str(data),
+                                    "--output", str(tmp_path / "o.jsonl")])
+    assert good.exit_code == 0, good.output

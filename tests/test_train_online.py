@@ -304,3 +304,16 @@ def test_cli_train_rloo_and_keys(tiny_model_dir, tmp_path, monkeypatch):
     assert result.exit_code == 1 and "did you mean --kl_coef" in result.output
     result = CliRunner().invoke(app, ["train", "keys", "ppo"])
     assert result.exit_code == 0 and "kl_estimator" in result.output and "value_clip_range" in result.output
+
+
+@pytest.mark.parametrize("method", ["ppo", "rloo", "raft"])
+def test_reward_without_a_score_head_is_refused_before_anything_loads(method, tiny_model_dir, tmp_path):
+    """Issue 11: `reward: DIR` naming a causal LM would score with a random head. The online configs'
+    preflight reads the directory's config.json and refuses it, naming the key, before the policy loads."""
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "To be"}\n', encoding="utf-8")
+    config = resolve_config(method, _keys(tiny_model_dir, tmp_path / method, data=str(prompts),
+                                          reward=str(tiny_model_dir)))
+    with pytest.raises(PreftuneError, match="without a trained reward head") as info:
+        config.preflight()
+    assert info.value.field == "reward"

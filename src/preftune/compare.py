@@ -5,118 +5,62 @@ Conventions (stated once, used everywhere): the FIRST file is the baseline (e.g.
 every verdict is for the candidate (the second file) against it: W = the candidate won, L = the
 baseline won, T = a tie. Completions are paired by (prompt_id, completion_id): 1-A with 1-A, ...
 
-Statistics:
+Several judges at once (a mapping name -> judge, e.g. one judge per group of annotators) judge the same
+pairs; the result (:class:`GroupComparison`) holds each judge's comparison and the worst (lowest) win rate.
 
-* win rate = (W + T / 2) / (W + T + L): a tie counts half a win.
-* 95% interval: percentile bootstrap that resamples PROMPTS with replacement (all completions of a
-  drawn prompt come along), because completions of one prompt are not independent; a cluster
-  bootstrap (Field & Welsh 2007), which gives wider, honest intervals when prompts differ in difficulty.
-* length-controlled win rate (the idea of AlpacaEval 2.0, Dubois et al. 2024): fit the logistic model
-  P(candidate wins) = sigmoid(b0 + b1 * d / s), where d = len(candidate) - len(baseline) in characters
-  and s = the standard deviation of d (scaled, not centred), to the verdicts (win = 1, loss = 0, a tie
-  counts as half a win and half a loss); report sigmoid(b0), the predicted win rate when both
-  completions have the same length. AlpacaEval uses tanh(d / s) and more covariates; the idea is the same.
+Statistics: see ``preftune.core.winrate`` (win rate, cluster bootstrap, length-controlled win rate, the
+worst of several win rates).
 """
 
 from __future__ import annotations
 
 import json
-import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from preftune.core.winrate import (  # noqa: F401  (part of this module's interface)
+    MAX_DEGENERATE,
+    MIN_EVENTS,
+    RIDGE,
+    SCORE,
+    bootstrap_interval,
+    cluster_weights,
+    count,
+    fit_logistic,
+    length_controlled_interval,
+    length_controlled_win_rate,
+    length_problem,
+    win_rate,
+    worst_win_rate,
+)
 from preftune.data.jsonl import read_jsonl
 from preftune.data.prompts import prompt_text
 from preftune.errors import PreftuneError
 from preftune.report import Doc
 
 VERDICT = {1: "W", 0: "L", None: "T"}  # judge choice (pairs are (baseline, candidate)) -> verdict letter
-SCORE = {"W": 1.0, "T": 0.5, "L": 0.0}
-RIDGE = 1e-3  # keeps the logistic fit finite when one model wins every comparison
-
-
-# ----------------------------------------------------------------------------- statistics
-
-
-def win_rate(verdicts: Sequence[str]) -> float:
-    """(W + T / 2) / n."""
-    if not verdicts:
-        raise PreftuneError("no verdicts to compute a win rate from")
-    return sum(SCORE[v] for v in verdicts) / len(verdicts)
-
-
-def cluster_weights(clusters: Sequence[Any], *, n_bootstrap: int, seed: int) -> Any:
-    """[n_bootstrap, n_items] weights: how often each item's cluster was drawn when the clusters are
-    resampled with replacement (a cluster bootstrap)."""
-    import numpy as np
-
-    names = list(dict.fromkeys(clusters))
-    index = np.array([names.index(c) for c in clusters])
-    rng = np.random.default_rng(seed)
-    counts = rng.multinomial(len(names), np.full(len(names), 1.0 / len(names)), size=n_bootstrap)
-    return counts[:, index].astype(float)
-
-
-def bootstrap_interval(values: Sequence[float], clusters: Sequence[Any], *, n_bootstrap: int = 1000,
-                       seed: int = 0, level: float = 0.95) -> tuple[float, float]:
-    """Percentile interval of the mean of ``values`` over cluster-bootstrap resamples."""
-    import numpy as np
-
-    w = cluster_weights(clusters, n_bootstrap=n_bootstrap, seed=seed)
-    stats = (w @ np.asarray(values, dtype=float)) / w.sum(axis=1)
-    tail = (1.0 - level) / 2 * 100
-    return float(np.percentile(stats, tail)), float(np.percentile(stats, 100 - tail))
-
-
-def fit_logistic(x: Sequence[float], y: Sequence[float], *, weights: Sequence[float] | None = None,
-                 ridge: float = RIDGE, tol: float = 1e-10, max_iter: int = 100) -> tuple[float, float]:
-    """(b0, b1) maximising sum_i w_i [y_i log sigmoid(z_i) + (1 - y_i) log sigmoid(-z_i)]
-    - ridge / 2 (b0^2 + b1^2), z_i = b0 + b1 x_i, for targets y_i in [0, 1] (a tie is y = 1/2).
-    Newton's method: gradient X^T w (y - p) - ridge b, Hessian -X^T diag(w p (1 - p)) X - ridge I."""
-    import numpy as np
-
-    xs, ys = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
-    w = np.ones_like(xs) if weights is None else np.asarray(weights, dtype=float)
-    design = np.stack([np.ones_like(xs), xs], axis=1)
-    beta = np.zeros(2)
-    for _ in range(max_iter):
-        p = 1.0 / (1.0 + np.exp(-(design @ beta)))
-        grad = design.T @ (w * (ys - p)) - ridge * beta
-        hess = design.T @ (design * (w * p * (1 - p))[:, None]) + ridge * np.eye(2)
-        step = np.linalg.solve(hess, grad)
-        beta = beta + step
-        if np.max(np.abs(step)) < tol:
-            break
-    return float(beta[0]), float(beta[1])
-
-
-def length_controlled_win_rate(verdicts: Sequence[str], length_diffs: Sequence[float], *,
-                               weights: Sequence[float] | None = None, scale: float | None = None) -> dict[str, float]:
-    """sigmoid(b0) of the logistic fit of the verdicts on d / s (see the module docstring).
-
-    Returns ``{"win_rate", "intercept", "slope", "scale"}``; ``slope`` is per standard deviation of the
-    length difference. When all length differences are equal (s = 0) only the intercept is fitted.
-    """
-    import numpy as np
-
-    d = np.asarray(length_diffs, dtype=float)
-    s = float(np.std(d)) if scale is None else scale
-    x = d / s if s > 0 else np.zeros_like(d)
-    b0, b1 = fit_logistic(x, [SCORE[v] for v in verdicts], weights=weights)
-    return {"win_rate": 1.0 / (1.0 + math.exp(-b0)), "intercept": b0, "slope": b1 if s > 0 else 0.0, "scale": s}
 
 
 # ----------------------------------------------------------------------------- reading generations
 
 
 def read_generations(path: str | Path) -> list[dict[str, Any]]:
-    """Read a ``preftune generate`` JSONL file, checking each record's fields (errors name file and line)."""
+    """Read completions: a ``preftune generate`` JSONL file, checking each record's fields, or the readable
+    text layout (``PREFIX n`` / ``POST n`` blocks with ``COMPLETION n-A`` / ``SUMMARY n-A``: the .txt file
+    beside generate's JSONL, or the course's ``output_*_MODEL.txt``; ``preftune.data.completions_text``).
+    A .txt file, or a file whose first line is a ``PREFIX n`` / ``POST n`` header, is read as text.
+    Errors name the file and line (and the block)."""
+    from preftune.data.completions_text import looks_like_completions_text, read_completions_text
+
     path = Path(path)
+    if path.is_file() and (path.suffix.lower() == ".txt" or (path.suffix.lower() not in (".jsonl", ".ndjson", ".json")
+                                                             and looks_like_completions_text(path))):
+        return read_completions_text(path)
     records: list[dict[str, Any]] = []
     seen: dict[tuple[int, str], int] = {}
-    for lineno, rec in read_jsonl(path, missing_hint="give a JSONL file written by preftune generate"):
+    for lineno, rec in read_jsonl(path, missing_hint="give a JSONL (or .txt) file written by preftune generate"):
         for key, kind in (("prompt_id", int), ("completion_id", str), ("completion", str), ("prompt", (str, list))):
             if key not in rec:
                 raise PreftuneError("missing field", path=str(path), line=lineno, field=key,
@@ -187,19 +131,58 @@ class ComparisonResult:
         d["verdict_meaning"] = f"W: {self.candidate} (candidate) won; L: {self.baseline} (baseline) won; T: tie"
         d["statistics"] = {"win_rate": "(W + T/2) / n",
                            "interval": "95% percentile bootstrap resampling prompts (clustered)",
-                           "length_controlled": "sigmoid(b0) of logistic fit on length difference / its std"}
+                           "length_controlled": "sigmoid(b0) of logistic fit on length difference / its std; "
+                                                "None with a reason when the data cannot support the fit"}
         return d
+
+
+@dataclass
+class GroupComparison:
+    """Candidate vs baseline under several judges (e.g. one per group of annotators), on the same pairs."""
+
+    baseline: str
+    candidate: str
+    by_judge: dict[str, ComparisonResult]  # judge name -> its comparison (its ``judge`` is that name)
+    worst_judge_win_rate: dict[str, Any]   # {"name", "win_rate", "ci"}: the lowest win rate and its interval
+    specs: dict[str, str] = field(default_factory=dict)  # judge name -> what the judge is (its spec)
+
+    @property
+    def pairs(self) -> list[ComparisonResult]:
+        return list(self.by_judge.values())
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"baseline": self.baseline, "candidate": self.candidate, "judges": self.specs,
+                "worst_judge": self.worst_judge_win_rate,
+                "by_judge": {name: res.to_dict() for name, res in self.by_judge.items()},
+                "statistics": {"worst_judge": "the lowest win rate over the judges; its 95% interval is the "
+                                              "percentile interval of the minimum over the same prompt resamples"}}
 
 
 def compare_generations(baseline: str | Path | Sequence[dict[str, Any]],
                         candidate: str | Path | Sequence[dict[str, Any]], judge: Any, *, n_bootstrap: int = 1000,
                         seed: int = 0, baseline_name: str | None = None,
-                        candidate_name: str | None = None) -> ComparisonResult:
+                        candidate_name: str | None = None) -> ComparisonResult | GroupComparison:
     """Judge each candidate completion against the baseline completion with the same (prompt_id,
     completion_id); count W/T/L for the candidate, the win rate with a prompt-clustered bootstrap 95%
-    interval and the length-controlled win rate. Inputs are JSONL paths or lists of records."""
+    interval and the length-controlled win rate. Inputs are JSONL paths or lists of records.
+
+    ``judge`` may be a mapping name -> judge: then every judge judges the same pairs and the result is a
+    :class:`GroupComparison` with ``by_judge[name]`` and ``worst_judge_win_rate``."""
     base_name, base = _load(baseline, baseline_name)
     cand_name, cand = _load(candidate, candidate_name)
+    if isinstance(judge, Mapping):
+        if not judge or not all(isinstance(k, str) and k for k in judge):
+            raise PreftuneError("several judges are given as a mapping of non-empty names to judges", field="judge")
+        by_judge = {name: compare_generations(base, cand, j, n_bootstrap=n_bootstrap, seed=seed,
+                                              baseline_name=base_name, candidate_name=cand_name)
+                    for name, j in judge.items()}
+        for name, res in by_judge.items():
+            res.judge = name
+        worst = worst_win_rate({n: [r["verdict"] for r in res.rows] for n, res in by_judge.items()},
+                               {n: [r["prompt_id"] for r in res.rows] for n, res in by_judge.items()},
+                               n_bootstrap=n_bootstrap, seed=seed)
+        return GroupComparison(base_name, cand_name, by_judge, worst,
+                               {n: str(getattr(j, "name", n)) for n, j in judge.items()})
     by_key = {(r["prompt_id"], r["completion_id"]): r for r in cand}
     base_keys = {(r["prompt_id"], r["completion_id"]) for r in base}
     pairs, unmatched = [], {"only_in_baseline": [], "only_in_candidate": [], "prompt_mismatch": []}
@@ -230,7 +213,10 @@ def compare_generations(baseline: str | Path | Sequence[dict[str, Any]],
         else:
             rows.append({**row, "verdict": VERDICT[choice]})
     if not rows:
-        raise PreftuneError(f"the judge decided none of the {len(pairs)} pairs", hint="label the pairs first")
+        raise PreftuneError(f"the judge decided none of the {count(len(pairs), 'pair')}",
+                            hint="a human judge needs labels on these very pairs (1-A of the baseline against "
+                                 "1-A of the candidate): `preftune annotate serve --generations BASELINE.jsonl "
+                                 "--generations CANDIDATE.jsonl --db DB`, label them, then compare again")
     return _summarise(base_name, cand_name, getattr(judge, "name", "judge"), rows, missing, unmatched,
                       n_bootstrap=n_bootstrap, seed=seed)
 
@@ -245,23 +231,33 @@ def _summarise(base_name: str, cand_name: str, judge_name: str, rows: list[dict[
     diffs = [len(r["candidate"]) - len(r["baseline"]) for r in rows]
     ci = None
     lc = length_controlled_win_rate(verdicts, diffs)
+    lc["ci"], lc["degenerate_resamples"] = None, None
     if n_bootstrap > 0:
         ci = bootstrap_interval([SCORE[v] for v in verdicts], clusters, n_bootstrap=n_bootstrap, seed=seed)
-        w = cluster_weights(clusters, n_bootstrap=n_bootstrap, seed=seed)
-        draws = [length_controlled_win_rate(verdicts, diffs, weights=wi, scale=lc["scale"])["win_rate"] for wi in w]
-        lc["ci"] = (float(np.percentile(draws, 2.5)), float(np.percentile(draws, 97.5)))
+    if n_bootstrap > 0 and lc["win_rate"] is not None:
+        boot = length_controlled_interval(verdicts, diffs, clusters, scale=lc["scale"], n_bootstrap=n_bootstrap,
+                                          seed=seed)
+        lc["ci"], lc["degenerate_resamples"] = boot["ci"], boot["degenerate"]
+        if boot["reason"] is not None:  # nearly separated: the point fit rests on a few pairs
+            lc.update(win_rate=None, intercept=None, slope=None,
+                      reason=f"the verdicts are nearly separated by length: {boot['reason']}")
     lc["length_unit"] = "characters"
     lc["mean_length_baseline"] = float(np.mean([len(r["baseline"]) for r in rows]))
     lc["mean_length_candidate"] = float(np.mean([len(r["candidate"]) for r in rows]))
     notes = []
     if missing:
-        notes.append(f"{len(missing)} pairs were not judged (no judgement available) and are left out of the counts")
+        notes.append(f"{count(len(missing), 'pair')} {'was' if len(missing) == 1 else 'were'} not judged "
+                     "(no judgement available) and left out of the counts")
     n_unmatched = sum(len(v) for v in unmatched.values())
     if n_unmatched:
-        notes.append(f"{n_unmatched} completions could not be paired and are left out: "
+        notes.append(f"{count(n_unmatched, 'completion')} could not be paired and {'is' if n_unmatched == 1 else 'are'} "
+                     "left out: "
                      + ", ".join(f"{k} {len(v)}" for k, v in unmatched.items() if v))
     if len(set(clusters)) < 2 and n_bootstrap > 0:
         notes.append("only one prompt: the clustered bootstrap interval is degenerate")
+    if lc["degenerate_resamples"]:
+        notes.append(f"{lc['degenerate_resamples']} of {n_bootstrap} bootstrap resamples admit no finite "
+                     "length-controlled fit and are left out of its interval")
     return ComparisonResult(baseline=base_name, candidate=cand_name, judge=judge_name, rows=rows, missing=missing,
                             unmatched=unmatched, wins=verdicts.count("W"), ties=verdicts.count("T"),
                             losses=verdicts.count("L"), win_rate=win_rate(verdicts), win_rate_ci=ci,
@@ -291,6 +287,9 @@ def compare_models(sources: Sequence[str | Path | Sequence[dict[str, Any]]], jud
 
     if len(sources) < 2:
         raise PreftuneError("compare needs at least two generation files")
+    if isinstance(judge, Mapping):
+        raise PreftuneError("several judges compare two files at a time", field="judge",
+                            hint="compare each candidate with the baseline in its own run")
     loaded = [_load(s, names[i] if names else None) for i, s in enumerate(sources)]
     unique = _unique_names([n for n, _ in loaded])
     pairs = [compare_generations(loaded[i][1], loaded[j][1], judge, n_bootstrap=n_bootstrap, seed=seed,
@@ -329,13 +328,45 @@ def summary_lines(res: ComparisonResult) -> list[str]:
     """The headline numbers in words, shared by the terminal and the markdown report."""
     lc = res.length_controlled
     lines = [f"{res.candidate} (candidate) vs {res.baseline} (baseline), judge {res.judge}: "
-             f"W {res.wins} / T {res.ties} / L {res.losses} over {res.n} pairs",
+             f"W {res.wins} / T {res.ties} / L {res.losses} over {count(res.n, 'pair')}",
              f"win rate {res.win_rate:.3f}, 95% CI {_fmt_ci(res.win_rate_ci)} "
              f"(ties count half; bootstrap resampling prompts, n={res.n_bootstrap})",
-             f"length-controlled win rate {lc['win_rate']:.3f}, 95% CI {_fmt_ci(lc.get('ci'))} "
-             f"(mean length {lc['mean_length_candidate']:.1f} vs {lc['mean_length_baseline']:.1f} characters; "
-             f"slope {lc['slope']:+.3f} per std of the length difference)"]
+             length_line(lc)]
     return lines + res.notes
+
+
+def length_line(lc: dict[str, Any]) -> str:
+    """The length-controlled win rate in words, or "not enough data" and why."""
+    lengths = f"mean length {lc['mean_length_candidate']:.1f} vs {lc['mean_length_baseline']:.1f} characters"
+    if lc["win_rate"] is None:
+        return f"length-controlled win rate: not enough data ({lc['reason']}; {lengths})"
+    return (f"length-controlled win rate {lc['win_rate']:.3f}, 95% CI {_fmt_ci(lc.get('ci'))} "
+            f"({lengths}; slope {lc['slope']:+.3f} per std of the length difference)")
+
+
+def judge_rows(result: GroupComparison) -> tuple[list[str], list[list[str]]]:
+    """The judges side by side: header and one row per judge (W, T, L, n, win rate, its interval, the
+    length-controlled win rate), then the worst judge's row."""
+    rows = []
+    for name, r in result.by_judge.items():
+        lc = r.length_controlled["win_rate"]
+        rows.append([name, str(r.wins), str(r.ties), str(r.losses), str(r.n), f"{r.win_rate:.3f}",
+                     _fmt_ci(r.win_rate_ci), "not enough data" if lc is None else f"{lc:.3f}"])
+    w = result.worst_judge_win_rate
+    rows.append([f"worst: {w['name']}", "", "", "", "", f"{w['win_rate']:.3f}", _fmt_ci(w["ci"]), ""])
+    return ["judge", "W", "T", "L", "n", "win rate", "95% CI", "length-controlled"], rows
+
+
+def worst_line(result: GroupComparison) -> str:
+    """The worst judge's win rate in words."""
+    w = result.worst_judge_win_rate
+    return (f"worst judge {w['name']}: win rate {w['win_rate']:.3f}, 95% CI {_fmt_ci(w['ci'])} (the lowest of "
+            f"{count(len(result.by_judge), 'judge')}; the interval is that of the minimum over the same prompt "
+            "resamples)")
+
+
+def _pairs(result: ComparisonResult | MultiComparison | GroupComparison) -> list[ComparisonResult]:
+    return result.pairs if isinstance(result, (MultiComparison, GroupComparison)) else [result]
 
 
 def _verdict_table(doc: Doc, res: ComparisonResult) -> None:
@@ -354,17 +385,19 @@ def markdown_table(res: ComparisonResult) -> str:
     return doc.markdown(Path(".")).rstrip("\n")
 
 
-def report_doc(result: ComparisonResult | MultiComparison, directory: Path) -> Doc:
-    """The comparison report: conventions, the ranking (several models), then per pair of models the
-    headline numbers, the verdict table and the plots written beside it."""
-    pairs = result.pairs if isinstance(result, MultiComparison) else [result]
+def report_doc(result: ComparisonResult | MultiComparison | GroupComparison, directory: Path) -> Doc:
+    """The comparison report: conventions, the ranking (several models) or the judges side by side (several
+    judges), then per pair of models (and judge) the headline numbers, the verdict table and the plots."""
+    pairs = _pairs(result)
+    group = isinstance(result, GroupComparison)
     doc = Doc()
     doc.h(1, "Comparison")
     doc.p("The first file is the baseline. Each verdict is for the candidate: W = the candidate won, "
           "T = tie, L = the baseline won. Win rate = (W + T/2) / n; its 95% interval is a percentile "
           "bootstrap that resamples prompts (clustered). The length-controlled win rate is sigmoid(b0) of "
           "a logistic fit of the verdicts on the standardised length difference: the predicted win rate "
-          "at equal lengths.")
+          "at equal lengths; it says \"not enough data\" (and why) when the verdicts are too few or "
+          "separated by length for that fit.")
     if isinstance(result, MultiComparison):
         doc.h(2, "Bradley-Terry ranking")
         players = result.ranking.to_dict()["players"]
@@ -372,37 +405,45 @@ def report_doc(result: ComparisonResult | MultiComparison, directory: Path) -> D
             [p["rank"], p["name"], f"{p['strength']:.3f}",
              _fmt_ci((p["ci_low"], p["ci_high"]) if p["ci_low"] is not None else None), p["wins"], p["ties"],
              p["losses"]] for p in players])
+    if group:
+        doc.h(2, f"{result.candidate} vs {result.baseline}, judge by judge")
+        header, rows = judge_rows(result)
+        rows[-1][0], rows[-1][5] = f"**{rows[-1][0]}**", f"**{rows[-1][5]}**"
+        doc.table(header, rows)
+        doc.p(worst_line(result))
     for res in pairs:
-        doc.h(2, f"{res.candidate} vs {res.baseline}")
+        doc.h(2, f"{res.candidate} vs {res.baseline}" + (f", judge {res.judge}" if group else ""))
         doc.ul(summary_lines(res))
         _verdict_table(doc, res)
-        doc.image(directory / wtl_name(res), "win/tie/loss per prompt")
+        doc.image(directory / wtl_name(res, judge=group), "win/tie/loss per prompt")
     doc.image(directory / "lengths.png", "completion lengths")
     if isinstance(result, MultiComparison):
         doc.image(directory / "ranking.png", "ranking")
     return doc
 
 
-def wtl_name(res: ComparisonResult) -> str:
-    safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in f"{res.candidate}_vs_{res.baseline}")
+def wtl_name(res: ComparisonResult, *, judge: bool = False) -> str:
+    name = f"{res.candidate}_vs_{res.baseline}" + (f"_{res.judge}" if judge else "")
+    safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name)
     return f"wtl_{safe}.png"
 
 
-def write_report(result: ComparisonResult | MultiComparison, out_dir: str | Path) -> list[Path]:
+def write_report(result: ComparisonResult | MultiComparison | GroupComparison, out_dir: str | Path) -> list[Path]:
     """Write comparison.json (everything, unrounded), the PNG plots, and comparison.md and comparison.html
     (one report, ``preftune.report``); return the paths."""
     from preftune import plots
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    pairs = result.pairs if isinstance(result, MultiComparison) else [result]
+    pairs, group = _pairs(result), isinstance(result, GroupComparison)
     written = [out / "comparison.json"]
     written[0].write_text(json.dumps(result.to_dict(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     for res in pairs:
         per = res.per_prompt()
         written.append(plots.wtl_bars([f"{p['prompt_id']}: {_short(p['prompt'], 28)}" for p in per],
                                       [p["wins"] for p in per], [p["ties"] for p in per], [p["losses"] for p in per],
-                                      out / wtl_name(res), title=f"{res.candidate} vs {res.baseline}",
+                                      out / wtl_name(res, judge=group), title=f"{res.candidate} vs {res.baseline}"
+                                      + (f", judge {res.judge}" if group else ""),
                                       legend=(f"{res.candidate} wins", "tie", f"{res.baseline} wins")))
     lengths: dict[str, list[int]] = {}
     for res in pairs:

@@ -1,17 +1,23 @@
 """Configs as dataclasses: the engine that loads them from YAML and the command line, checks and writes them.
 
 A config class is a dataclass deriving from ``Config`` whose fields are made with ``opt``: each has a
-type, a default and a one-line help string (``metadata["help"]``), so the CLI help, the ``preftune train
-keys`` table and the docs' key tables are generated from the fields and cannot drift apart. The training
-configs live with their methods (``preftune.train.base.TrainConfig`` and one per ``train/<method>.py``);
-this module knows none of them. A config is resolved in three layers, later ones winning::
+type, a default, a one-line help string (``metadata["help"]``) and, where it applies, its allowed values
+(``choices=``) or range (``gt=0``, ``ge=0, lt=1``), so the CLI help, the ``preftune train keys`` table and
+the docs' key tables are generated from the fields and cannot drift apart, and ``check_fields`` enforces
+them for every config. The training configs live with their methods (``preftune.train.base.TrainConfig``
+and one per ``train/<method>.py``); this module knows none of them. A config is resolved in three layers, later ones winning::
 
     dataclass defaults  <  CONFIG.yaml  <  command-line overrides (--beta 0.2 --lora.r 8)
 
+A list on the command line is YAML (``--rewards '[a.py:f, b.py:g]'``) or comma-separated (``--rewards a.py:f,b.py:g``).
+
 Unknown keys and wrong types are errors that name the key, the YAML file and line, and the nearest
-valid key (or the key another tool's name stands for, ``Config.aliases``). Checks of values use
-``require`` / ``fail``, which name the file and line the key was set on. ``write_config`` writes the
-resolved config with the help strings as comments; it is itself a valid config for the same command.
+valid key (or the key another tool's name stands for, ``Config.aliases``: TRL's ``--dataset_name`` is
+``--data``, its ``--per_device_train_batch_size`` is ``--batch_size``). Checks of values use
+``require`` / ``fail``, which name the file and line the key was set on. ``Config.preflight`` checks what
+the values point at (a model directory that does not exist); whoever is about to use a config calls it, so
+every mistake is reported before anything heavy loads. ``write_config`` writes the resolved config with the help
+strings as comments; it is itself a valid config for the same command.
 
 This module imports only the standard library and PyYAML, so ``preftune --help`` stays fast.
 """
@@ -30,12 +36,48 @@ from typing import Any, ClassVar
 from preftune.errors import PreftuneError
 
 
-def opt(default: Any, help: str, *, choices: tuple[str, ...] | None = None) -> Any:
-    """A config field: default, one-line help and (for strings) the allowed values."""
-    meta = {"help": help, "choices": choices}
+def opt(default: Any, help: str, *, choices: tuple[str, ...] | None = None, gt: float | None = None,
+        ge: float | None = None, lt: float | None = None, le: float | None = None, why: str | None = None) -> Any:
+    """A config field: default, one-line help, (for strings) the allowed values and (for numbers) the
+    allowed range: ``gt``/``ge`` a lower bound (> or >=), ``lt``/``le`` an upper one (< or <=); ``why``
+    says what goes wrong outside it. ``check_fields`` enforces both; ``keys`` shows them."""
+    if gt is not None and ge is not None or lt is not None and le is not None:
+        raise TypeError("give one lower bound (gt or ge) and one upper bound (lt or le)")  # a bug in a config class
+    bounds = Range(gt if gt is not None else ge, gt is not None, lt if lt is not None else le, lt is not None)
+    meta = {"help": help, "choices": choices, "range": bounds if bounds != Range() else None, "why": why}
     if isinstance(default, (dict, list)):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True)
+class Range:
+    """The allowed values of a number: ``low``..``high``, each end open (excluded) or closed; None = unbounded."""
+
+    low: float | None = None
+    low_open: bool = False
+    high: float | None = None
+    high_open: bool = False
+
+    def __contains__(self, value: float) -> bool:
+        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
+            return False
+        return not (self.high is not None and (value >= self.high if self.high_open else value > self.high))
+
+    def __str__(self) -> str:
+        """``> 0``, ``>= 1``, ``in [0, 1)``, ``<= 5``."""
+        if self.low is not None and self.high is not None:
+            return (f"in {'(' if self.low_open else '['}{_num(self.low)}, {_num(self.high)}"
+                    f"{')' if self.high_open else ']'}")
+        if self.low is not None:
+            return f"{'>' if self.low_open else '>='} {_num(self.low)}"
+        if self.high is not None:
+            return f"{'<' if self.high_open else '<='} {_num(self.high)}"
+        return "any number"
+
+
+def _num(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else repr(float(x))
 
 
 # ------------------------------------------------------------------------------------------------ the base
@@ -46,10 +88,14 @@ class Config:
 
     ``label()`` names the command in errors (``unknown key '--bta' for `train dpo```), ``keys_hint()`` says
     where every key is listed, ``aliases`` maps names other tools use to this config's keys (suggested,
-    never silently accepted), and ``validate()`` checks values (here: declared choices).
+    never silently accepted; a target may be ``lora.r``, a field of a mapping key) and ``alias_notes`` says
+    more where the other tool's key means something a little different; ``validate()`` checks values
+    (here: declared choices and ranges) and ``preflight()`` what the values point at (files, directories),
+    when the config is about to be used.
     """
 
     aliases: ClassVar[dict[str, str]] = {}
+    alias_notes: ClassVar[dict[str, str]] = {}
 
     @classmethod
     def label(cls) -> str:
@@ -60,17 +106,27 @@ class Config:
         return f"`preftune {cls.label()} --help` lists every key"
 
     def validate(self) -> None:
-        check_choices(self)
+        check_fields(self)
+
+    def preflight(self) -> None:
+        """Checks of what the values point at (files exist, ...), made by whoever is about to use the config
+        (``preftune.train.run``, the CLI) after ``validate``: a config may name files that do not exist yet."""
 
 
 # ------------------------------------------------------------------------------------------------ fields
 @dataclass(frozen=True)
 class KeyInfo:
     name: str
-    type: str
+    type: str                  # bool, int, float, str, mapping, list; "int | null" when null is allowed
     default: Any
     help: str
     choices: tuple[str, ...] | None
+    range: str | None = None   # the allowed numbers: "> 0", ">= 1", "in [0, 1)"
+
+    def type_label(self, null: str = " | null") -> str:
+        """The type with its range: ``float > 0``, ``int >= 1 | null``, ``float in [0, 1)``."""
+        base, optional = self.type.removesuffix(" | null"), self.type.endswith(" | null")
+        return base + (f" {self.range}" if self.range else "") + (null if optional else "")
 
 
 def keys(cls: type[Config]) -> list[KeyInfo]:
@@ -79,8 +135,9 @@ def keys(cls: type[Config]) -> list[KeyInfo]:
     out = []
     for f in dataclasses.fields(cls):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        bounds = f.metadata.get("range")
         out.append(KeyInfo(f.name, _type_name(hints[f.name]), default, f.metadata.get("help", ""),
-                           f.metadata.get("choices")))
+                           f.metadata.get("choices"), str(bounds) if bounds else None))
     return out
 
 
@@ -159,8 +216,9 @@ def coerce(value: Any, tp: Any, *, key: str, from_text: bool) -> Any:
             return dict(value)
         raise ValueError(f"must be a mapping like {{r: 8}}, not {value!r}")
     if origin is list:
-        if from_text and isinstance(value, str):
-            value = yaml.safe_load(value)
+        if from_text and isinstance(value, str):  # --key '[a, b]' (YAML) or --key a,b
+            text = value.strip()
+            value = yaml.safe_load(text) if text.startswith("[") else [v.strip() for v in text.split(",") if v.strip()]
         if not isinstance(value, (list, tuple)):
             raise ValueError(f"must be a list like [0.1, 0.5], not {value!r}")
         (inner,) = typing.get_args(base) or (str,)
@@ -185,21 +243,31 @@ def _number(text: str) -> Any:
 # ------------------------------------------------------------------------------------------------ loading
 def parse_overrides(args: list[str]) -> list[tuple[str, str]]:
     """``["--beta", "0.2", "--lora.r=8", "--merge_lora"]`` -> ``[("beta", "0.2"), ("lora.r", "8"),
-    ("merge_lora", "true")]``. Dashes in key names become underscores; a bare flag means true."""
-    out: list[tuple[str, str]] = []
+    ("merge_lora", "true")]``. Dashes in key names become underscores (``--max-new-tokens`` is
+    ``--max_new_tokens``); a bare flag means true."""
+    return [(key, value) for key, value, _ in _parse_overrides(args)]
+
+
+def _parse_overrides(args: list[str]) -> list[tuple[str, str, bool]]:
+    """``parse_overrides`` plus, for each key, whether it was a bare flag (no value given)."""
+    out: list[tuple[str, str, bool]] = []
     i = 0
     while i < len(args):
         arg = args[i]
         if not arg.startswith("--") or arg == "--":
-            raise PreftuneError(f"unexpected argument {arg!r}", hint="overrides look like --key value or --key=value")
+            hint = "overrides look like --key value or --key=value"
+            if arg.endswith((".yaml", ".yml")):
+                hint = "the config file goes first (`preftune train dpo CONFIG.yaml --key value`), or use --config FILE"
+            raise PreftuneError(f"unexpected argument {arg!r}", hint=hint)
         name, eq, value = arg[2:].partition("=")
+        bare = False
         if not eq:
             if i + 1 < len(args) and not args[i + 1].startswith("--"):
                 value, i = args[i + 1], i + 1
             else:
-                value = "true"
+                value, bare = "true", True
         head, dot, rest = name.partition(".")
-        out.append((head.replace("-", "_") + dot + rest, value))
+        out.append((head.replace("-", "_") + dot + rest, value, bare))
         i += 1
     return out
 
@@ -225,6 +293,11 @@ def from_mapping(cls: type[Config], data: dict[str, Any], **overrides: Any) -> A
     values: dict[str, Any] = {}
     sources: dict[str, tuple[str | None, int | None]] = {}
     _apply_mapping(cls, {**data, **overrides}, values, sources, path=None, lines={})
+    return _build(cls, values, sources)
+
+
+def _build(cls: type[Config], values: dict[str, Any], sources: dict[str, tuple[str | None, int | None]]) -> Any:
+    """The config from its converted values, with the source of each key (for errors), validated."""
     config = cls(**values)
     object.__setattr__(config, "_sources", sources)
     config.validate()
@@ -262,12 +335,15 @@ def load_config(cls: type[Config], path: str | Path | None = None,
             raise PreftuneError("a config file must be a mapping of key: value lines", path=str(path), line=1)
         _apply_mapping(cls, data, values, sources, path=str(path), lines=lines)
         sources.update({k: (str(path), line) for k, line in lines.items() if "." in k})
-    if overrides and isinstance(overrides[0], str):
-        overrides = parse_overrides(overrides)  # type: ignore[arg-type]
-    for key, text in overrides or []:
+    parsed = (_parse_overrides(overrides) if overrides and isinstance(overrides[0], str)  # type: ignore[arg-type]
+              else [(key, text, False) for key, text in overrides or []])
+    for key, text, bare in parsed:
         where = (None, None)
         head, dot, sub = key.partition(".")
         _check_key(cls, head, names, where, cli=True)
+        if bare and _unwrap_optional(hints[head])[0] is not bool:
+            raise PreftuneError(f"--{key} needs a value", field=key,
+                                hint=f"write --{key} VALUE or --{key}=VALUE (default {format_value(_default(cls, head))})")
         try:
             if dot:
                 if typing.get_origin(_unwrap_optional(hints[head])[0]) is not dict:
@@ -280,10 +356,7 @@ def load_config(cls: type[Config], path: str | Path | None = None,
         except ValueError as exc:
             raise PreftuneError(f"--{key} {text}: {exc}", field=key) from None
         sources[head] = ("command line", None)
-    config = cls(**values)
-    object.__setattr__(config, "_sources", sources)
-    config.validate()
-    return config
+    return _build(cls, values, sources)
 
 
 def _default(cls: type[Config], name: str) -> Any:
@@ -295,12 +368,23 @@ def _check_key(cls: type[Config], key: str, names: list[str], where: tuple[str |
                *, cli: bool = False) -> None:
     if key in names:
         return
+    raise PreftuneError(f"unknown key '{'--' if cli else ''}{key}' for `{cls.label()}`", path=where[0],
+                        line=where[1], field=key, hint=key_suggestion(cls, key, cli=cli))
+
+
+def key_suggestion(cls: type[Config], key: str, *, cli: bool = False) -> str:
+    """The hint for an unknown key: the key another tool's name stands for (``cls.aliases``, with its note),
+    else the nearest valid key, then where every key is listed."""
+    names = [f.name for f in dataclasses.fields(cls)]
     dash = "--" if cli else ""
-    alias = cls.aliases.get(key)
-    close = [alias] if alias in names else difflib.get_close_matches(key, names, n=1, cutoff=0.5)
-    hint = (f"did you mean {dash}{close[0]}? " if close else "") + cls.keys_hint()
-    raise PreftuneError(f"unknown key '{dash}{key}' for `{cls.label()}`", path=where[0], line=where[1],
-                        field=key, hint=hint)
+    alias = cls.aliases.get(key) or cls.aliases.get(key.replace("-", "_"))
+    if alias is not None and alias.split(".")[0] in names:
+        note = cls.alias_notes.get(key)
+        head, dot, sub = alias.partition(".")
+        shown = f"{head}: {{{sub}: ...}}" if dot and not cli else f"{dash}{alias}"  # in YAML: lora: {r: ...}
+        return f"did you mean {shown}? " + (f"({note}) " if note else "") + cls.keys_hint()
+    close = difflib.get_close_matches(key, names, n=1, cutoff=0.5)
+    return (f"did you mean {dash}{close[0]}? " if close else "") + cls.keys_hint()
 
 
 def _key_lines(text: str, path: Path) -> dict[str, int]:
@@ -351,6 +435,28 @@ def check_choices(config: Config) -> None:
         if info.choices and value not in info.choices:
             fail(config, info.name, f"{value!r} is not one of {', '.join(info.choices)}",
                  suggest(value, info.choices))
+
+
+def check_ranges(config: Config) -> None:
+    """Every number key with a declared range (``opt(..., gt=0)``) holds a value inside it; null is left to
+    the key's type (called by ``validate``)."""
+    for f in dataclasses.fields(config):  # type: ignore[arg-type]
+        bounds, value = f.metadata.get("range"), getattr(config, f.name)
+        if bounds is not None and isinstance(value, (int, float)) and value not in bounds:
+            default = _default(type(config), f.name)
+            fail(config, f.name, range_message(bounds, value, f.metadata.get("why")),
+                 f.metadata.get("help", "") + (f"; default {format_value(default)}" if default is not None else ""))
+
+
+def range_message(bounds: Range, value: Any, why: str | None = None) -> str:
+    """``must be > 0 (got 0)``, followed by ``why`` when given."""
+    return f"must be {bounds} (got {format_value(value)})" + (f": {why}" if why else "")
+
+
+def check_fields(config: Config) -> None:
+    """What every config's ``validate`` starts with: declared choices and ranges."""
+    check_choices(config)
+    check_ranges(config)
 
 
 # ------------------------------------------------------------------------------------------------ writing

@@ -20,8 +20,8 @@ from preftune.data.prompts import Prompt, format_prompt, load_prompts, prompt_te
 from preftune.errors import PreftuneError
 from preftune.models.sampling import GenerationSettings, RowSampler, row_seed
 
-__all__ = ["GenerationSettings", "Prompt", "completion_name", "cut_at_stop", "generate_completions",
-           "generate_with_vllm", "load_prompts", "readable_text", "write_generations"]
+__all__ = ["GenerationSettings", "Prompt", "check_counts", "check_output", "completion_name", "cut_at_stop",
+           "generate_completions", "generate_with_vllm", "load_prompts", "readable_text", "write_generations"]
 
 
 # ----------------------------------------------------------------------------- names and prompts
@@ -59,6 +59,32 @@ class _StopOnStrings:
         return torch.tensor([any(s in t for s in self.stop) for t in texts], device=input_ids.device)
 
 
+# ----------------------------------------------------------------------------- checks (before any model loads)
+
+
+def check_counts(num: int, batch_size: int = 1) -> None:
+    """Raise a PreftuneError naming ``num`` or ``batch_size`` when it is below 1."""
+    if num < 1:
+        raise PreftuneError(f"num must be >= 1, got {num}", field="num",
+                            hint="the number of completions per prompt, such as 3")
+    if batch_size < 1:
+        raise PreftuneError(f"batch_size must be >= 1, got {batch_size}", field="batch_size",
+                            hint="rows (prompt x completion) per generate call, such as 16")
+
+
+def check_output(path: str | Path) -> Path:
+    """The output JSONL path, checked before anything is generated: a .jsonl file, not a .txt file (the
+    readable .txt is written beside it) nor a directory."""
+    path = Path(path)
+    if path.suffix.lower() == ".txt":
+        raise PreftuneError("the output must be a .jsonl file (the .txt file is written beside it)",
+                            path=str(path), field="output", hint="e.g. --output completions.jsonl")
+    if path.is_dir():
+        raise PreftuneError("the output is a directory", path=str(path), field="output",
+                            hint=f"name a file in it, e.g. --output {path / 'completions.jsonl'}")
+    return path
+
+
 # ----------------------------------------------------------------------------- generation
 
 
@@ -76,10 +102,7 @@ def generate_completions(model: Any, tokenizer: Any, prompts: Sequence[Prompt], 
     from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteriaList
 
     settings.check()
-    if num < 1:
-        raise PreftuneError(f"num must be >= 1, got {num}", field="num")
-    if batch_size < 1:
-        raise PreftuneError(f"batch_size must be >= 1, got {batch_size}", field="batch_size")
+    check_counts(num, batch_size)
     texts = [format_prompt(p, settings.template, tokenizer) for p in prompts]
     rows = [(i, k) for i in range(len(prompts)) for k in range(num)]  # (prompt index, completion index)
     name = model_name or getattr(getattr(model, "config", None), "_name_or_path", None) or "model"
@@ -133,6 +156,7 @@ def generate_with_vllm(model_path: str, prompts: Sequence[Prompt], *, num: int,
     ``(seed, prompt_id)``; vLLM samples differently from transformers, so the same seed gives other
     completions than the transformers backend."""
     settings.check()
+    check_counts(num)
     try:
         import vllm
     except ImportError:
@@ -157,7 +181,8 @@ def generate_with_vllm(model_path: str, prompts: Sequence[Prompt], *, num: int,
 
 
 class progress_bar:
-    """A rich progress bar over ``total`` rows (silent when disabled); yields ``advance(n)``."""
+    """A rich progress bar over ``total`` rows on stderr; yields ``advance(n)``. It draws only when enabled
+    and stderr is a terminal: into a log or a pipe it writes nothing (not even a blank line)."""
 
     def __init__(self, total: int, label: str, *, enabled: bool) -> None:
         self.total, self.label, self.enabled, self.bar = total, label, enabled, None
@@ -165,10 +190,14 @@ class progress_bar:
     def __enter__(self) -> Callable[[int], None]:
         if not self.enabled:
             return lambda n: None
+        from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+        console = Console(stderr=True)
+        if not console.is_terminal:
+            return lambda n: None
         self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                            TimeElapsedColumn(), transient=True)
+                            TimeElapsedColumn(), console=console, transient=True)
         self.bar.start()
         task = self.bar.add_task(self.label, total=self.total)
         return lambda n: self.bar.advance(task, n)
@@ -188,10 +217,7 @@ def write_generations(records: Sequence[dict[str, Any]], path: str | Path) -> tu
         COMPLETION 1-A: <completion>
         COMPLETION 1-B: <completion>
     """
-    path = Path(path)
-    if path.suffix.lower() == ".txt":
-        raise PreftuneError("the output must be a .jsonl file (the .txt file is written beside it)",
-                            path=str(path), hint="e.g. --output completions.jsonl")
+    path = check_output(path)
     write_jsonl(path, records)
     txt = path.with_suffix(".txt")
     txt.write_text(readable_text(records), encoding="utf-8")

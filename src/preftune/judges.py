@@ -20,6 +20,7 @@ builds one from a CLI spec.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,7 +49,8 @@ class Judge:
         """0 = first preferred, 1 = second, None = tie; one per pair."""
         result = self.judge_pairs(prompts, pairs)
         if result.missing:
-            raise PreftuneError(f"{len(result.missing)} of {len(pairs)} pairs could not be judged by {self.name}",
+            raise PreftuneError(f"{len(result.missing)} of {len(pairs)} {'pair' if len(pairs) == 1 else 'pairs'} "
+                                f"could not be judged by {self.name}",
                                 hint="call judge_pairs(), which reports them, or label the missing pairs")
         return result.choices
 
@@ -58,7 +60,8 @@ class Judge:
 
 def _check_lengths(prompts: Sequence[str], pairs: Sequence[Pair]) -> None:
     if len(prompts) != len(pairs):
-        raise PreftuneError(f"got {len(prompts)} prompts for {len(pairs)} pairs; give one prompt per pair")
+        raise PreftuneError(f"got {len(prompts)} prompt{'' if len(prompts) == 1 else 's'} for {len(pairs)} "
+                            f"pair{'' if len(pairs) == 1 else 's'}; give one prompt per pair")
 
 
 def decide(score_first: float, score_second: float, *, margin: float = 0.0) -> int | None:
@@ -83,7 +86,11 @@ class ScoreJudge(Judge):
         _check_lengths(prompts, pairs)
         if not pairs:
             return Judgements(choices=[])
-        both = self.scores(list(prompts) * 2, [a for a, _ in pairs] + [b for _, b in pairs])
+        from preftune.models.rewards import check_finite
+
+        completions = [a for a, _ in pairs] + [b for _, b in pairs]
+        both = check_finite([float(v) for v in self.scores(list(prompts) * 2, completions)], list(prompts) * 2,
+                            completions, source=f"the judge {self.name}")  # a NaN would be a silent tie
         first, second = both[: len(pairs)], both[len(pairs):]
         return Judgements(choices=[decide(s1, s2, margin=self.margin) for s1, s2 in zip(first, second, strict=True)],
                           details=[{"score_first": s1, "score_second": s2}
@@ -189,6 +196,12 @@ class LLMJudge(Judge):
         choices, details = [], []
         for k in range(len(pairs)):
             (f1, f2), (b1, b2) = lp[k], lp[len(pairs) + k]
+            if any(math.isnan(v) for v in (f1, f2, b1, b2)):  # decide() would call it a tie, silently
+                from preftune.models.rewards import excerpt
+
+                raise PreftuneError(f"the judge {self.name} gave a NaN log-probability for the prompt "
+                                    f"{excerpt(prompts[k])}", field="judge",
+                                    hint="the judge model's weights or dtype are broken; try float32")
             in_order = decide(f1, f2)               # 0: a (shown first) preferred
             swapped = decide(b1, b2)                # 0: b (shown first) preferred
             swapped = None if swapped is None else 1 - swapped
@@ -285,7 +298,7 @@ class HumanJudge(Judge):
         from preftune.data.annotations import AnnotationStore
 
         _check_lengths(prompts, pairs)
-        return majority_verdicts(AnnotationStore(self.db_path).labels(), prompts, pairs)
+        return majority_verdicts(AnnotationStore(self.db_path, create=False).labels(), prompts, pairs)
 
 
 # ----------------------------------------------------------------------------- from a CLI spec

@@ -7,7 +7,7 @@ from typing import Any
 
 import typer
 
-from preftune.cli._common import console, err_console, handle_errors, print_json
+from preftune.cli._common import console, err_console, handle_errors, plural, print_json, show_progress
 
 data_app = typer.Typer(help="Look at preference and SFT data before training on it.", no_args_is_help=True)
 
@@ -26,13 +26,16 @@ def inspect(
                                       help="Tag ending the prompt in implicit-prompt transcripts (\\n = newline)."),
     as_json: bool = typer.Option(False, "--json", help="Print machine-readable JSON (all problems)."),
 ) -> None:
-    """Print the format, counts, lengths, length bias, duplicates and every problem found."""
+    """Print the format, counts, lengths, length bias, duplicates, labels per annotator and per group (and
+    how often the groups agree), and every problem found."""
     from preftune.data import describe, load_any
 
+    if tokenizer:
+        _check_tokenizer_path(tokenizer)
     examples, report = load_any(source, split=split, format=format, drop_invalid=drop_invalid,
                                 assistant_tag=assistant_tag.replace("\\n", "\n"))
     tok = _load_tokenizer(tokenizer) if tokenizer else None
-    if tok is not None and not as_json:
+    if tok is not None and not as_json and show_progress():
         from rich.progress import Progress
 
         from preftune.data.validate import n_texts
@@ -48,14 +51,21 @@ def inspect(
         _print(info)
 
 
-def _load_tokenizer(name: str) -> Any:
-    from transformers import AutoTokenizer
-
+def _check_tokenizer_path(name: str) -> None:
+    """A path (./x, /x, ~/x) must exist; checked before the data is read and transformers is imported."""
     from preftune.errors import PreftuneError
 
     if name.startswith((".", "/", "~")) and not Path(name).expanduser().exists():
         raise PreftuneError("no such tokenizer directory", path=name, field="--tokenizer",
                             hint="check the path, or give a hub id such as Qwen/Qwen2.5-0.5B")
+
+
+def _load_tokenizer(name: str) -> Any:
+    from transformers import AutoTokenizer
+
+    from preftune.errors import PreftuneError
+
+    _check_tokenizer_path(name)
     try:
         return AutoTokenizer.from_pretrained(name)
     except Exception as exc:  # noqa: BLE001 - any failure is reported with what was tried
@@ -66,10 +76,6 @@ def _load_tokenizer(name: str) -> Any:
 
 def _fmt(x: float) -> str:
     return f"{x:,.1f}" if isinstance(x, float) and not float(x).is_integer() else f"{int(x):,}"
-
-
-def _n(k: int, noun: str) -> str:
-    return f"{k:,} {noun}" + ("" if k == 1 else "s")
 
 
 def _print(info: dict[str, Any]) -> None:
@@ -87,8 +93,8 @@ def _print(info: dict[str, Any]) -> None:
     if "pairs_from_rankings" in c:
         r = c["responses_per_ranking"]
         k = _fmt(r["min"]) if r["min"] == r["max"] else f"{_fmt(r['min'])}-{_fmt(r['max'])}"
-        console.print(f"[bold]rankings[/] {k} responses each, "
-                      f"{c['pairs_from_rankings']:,} pairs when expanded")
+        console.print(f"[bold]rankings[/] {k} response{'' if k == '1' else 's'} each, "
+                      f"{plural(c['pairs_from_rankings'], 'pair')} when expanded")
     if "label_true" in c:
         console.print(f"[bold]labels[/]   {c['label_true']:,} true, {c['label_false']:,} false")
 
@@ -107,21 +113,70 @@ def _print(info: dict[str, Any]) -> None:
                       f"chosen longer {b['frac_chosen_longer']:.0%}, shorter {b['frac_chosen_shorter']:.0%}, "
                       f"equal {b['frac_equal']:.0%}")
     d = info["duplicates"]
-    console.print(f"[bold]duplicates[/] {_n(d['duplicate_rows'], 'duplicate row')}; "
-                  f"{_n(d['distinct_prompts'], 'distinct prompt')}, {d['repeated_prompts']:,} repeated "
-                  f"(max {_n(d['max_rows_per_prompt'], 'row')} per prompt)")
+    console.print(f"[bold]duplicates[/] {plural(d['duplicate_rows'], 'duplicate row')}; "
+                  f"{plural(d['distinct_prompts'], 'distinct prompt')}, {d['repeated_prompts']:,} repeated "
+                  f"(max {plural(d['max_rows_per_prompt'], 'row')} per prompt)")
+    _print_labellers(info)
     problems = info["problems"]
     if not problems:
         console.print("[bold green]no problems found[/]")
         return
     counts = ", ".join(f"{v:,} {k}" for k, v in info["problem_counts"].items())
-    console.print(f"[bold yellow]{_n(len(problems), 'problem')}[/] ({counts})")
+    console.print(f"[bold yellow]{plural(len(problems), 'problem')}[/] ({counts})")
     for p in problems[:_SHOWN_PROBLEMS]:
         field = f" field '{p['field']}'" if p["field"] else ""
         console.print(f"  {escape(p['where'])}{escape(field)}: {escape(p['message'])} [dim]({p['kind']})[/]",
                       highlight=False)
     if len(problems) > _SHOWN_PROBLEMS:
         console.print(f"  ... and {len(problems) - _SHOWN_PROBLEMS:,} more (use --json to see them all)")
+
+
+def _print_labellers(info: dict[str, Any]) -> None:
+    """Labels per annotator (the most active first) and per group, and how often the groups agree."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    def table(title: str, columns: list[str], *, text: int = 1) -> Table:
+        t = Table(title=title, title_justify="left", box=None, pad_edge=False)
+        for i, col in enumerate(columns):
+            t.add_column(col, justify="left" if i < text else "right")
+        return t
+
+    if "annotators" in info:
+        a = info["annotators"]
+        st = a["labels_per_annotator"]
+        console.print(f"[bold]annotators[/] {a['count']:,}, labels each: min {_fmt(st['min'])}, median "
+                      f"{_fmt(st['median'])}, max {_fmt(st['max'])}; "
+                      f"{plural(a['without_annotator'], 'row')} without an annotator")
+        t = table("labels per annotator", ["annotator", "groups", "labels", "pairs"], text=2)
+        ranked = sorted(a["by_annotator"].items(), key=lambda kv: (-kv[1]["labels"], kv[0]))
+        for name, e in ranked[:_SHOWN_PROBLEMS]:
+            t.add_row(escape(name), escape(", ".join(e["groups"])), f"{e['labels']:,}", f"{e['pairs']:,}")
+        console.print(t)
+        if len(ranked) > _SHOWN_PROBLEMS:
+            console.print(f"  ... and {len(ranked) - _SHOWN_PROBLEMS:,} more annotators (use --json to see them all)")
+    if "groups" not in info:
+        return
+    g = info["groups"]
+    console.print(f"[bold]groups[/] {g['count']:,}; {plural(g['without_group'], 'row')} without a group")
+    t = table("labels per group", ["group", "annotators", "labels", "pairs"])
+    for name, e in g["by_group"].items():
+        t.add_row(escape(name), f"{e['annotators']:,}", f"{e['labels']:,}", f"{e['pairs']:,}")
+    console.print(t)
+    names = list(g["by_group"])
+    cells = {(x["groups"][0], x["groups"][1]): x for x in g["agreement"]["between"]}
+    cells.update({(n, n): x for n, x in g["agreement"]["within"].items()})
+    if not any(x["pairs"] for x in cells.values()):
+        console.print("[bold]group agreement[/] no pair was labelled by two groups, or twice within a group")
+        return
+    console.print("[bold]group agreement[/] the share of labels that prefer the same response of a pair both "
+                  "groups labelled (the number of such pairs); the diagonal: within the group")
+    t = table("", ["group", *names])
+    for row in names:
+        entries = [cells.get((row, col)) or cells.get((col, row)) for col in names]
+        t.add_row(escape(row), *("-" if not e or e["agreement"] is None else f"{e['agreement']:.2f} ({e['pairs']:,})"
+                                 for e in entries))
+    console.print(t)
 
 
 def register(app: typer.Typer) -> None:

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import typer
 
-from preftune.cli._common import console, handle_errors
+from preftune.cli._common import console, handle_errors, plural
+from preftune.errors import PreftuneError
 
 
 @handle_errors
@@ -36,7 +37,14 @@ def generate(
 
     Example: preftune generate --model runs/sft/final --prompts prefixes.txt --num 3 --output sft.jsonl
     """
-    from preftune.generate import GenerationSettings, generate_completions, load_prompts, write_generations
+    from preftune.generate import (
+        GenerationSettings,
+        check_counts,
+        check_output,
+        generate_completions,
+        load_prompts,
+        write_generations,
+    )
 
     # A shell gives "\n" as two characters; in a template it almost always means a newline.
     template = template.replace("\\n", "\n").replace("\\t", "\t")
@@ -44,25 +52,49 @@ def generate(
                                   max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, seed=seed,
                                   template=template,
                                   stop=[s.replace("\\n", "\n") for s in stop], backend=backend)
+    # Every setting, the output path and the prompts are checked before a model loads (seconds to minutes).
     settings.check()
+    check_counts(num, batch_size)
+    check_output(output)
     prompt_list = load_prompts(prompts, from_preferences=from_preferences)
-    console.print(f"{len(prompt_list)} prompts from {prompts}, {num} completions each ({backend})")
+    console.print(f"{plural(len(prompt_list), 'prompt')} from {prompts}, "
+                  f"{plural(num, 'completion')} each ({backend})", highlight=False, markup=False, soft_wrap=True)
     if backend == "vllm":
         from preftune.generate import generate_with_vllm
 
         records = generate_with_vllm(model, prompt_list, num=num, settings=settings)
     else:
-        import torch
-
         from preftune.models import load_policy, load_tokenizer
 
+        target = _device(device)
         tokenizer = load_tokenizer(model, padding_side="left")
         lm = load_policy(model, dtype=dtype, tokenizer=tokenizer)
-        lm.to(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
+        lm.to(target)
         records = generate_completions(lm, tokenizer, prompt_list, num=num, settings=settings,
                                        batch_size=batch_size, model_name=model)
     jsonl, txt = write_generations(records, output)
-    console.print(f"wrote {len(records)} completions to {jsonl} and {txt}")
+    console.print(f"wrote {plural(len(records), 'completion')} to {jsonl} and {txt}", highlight=False, markup=False,
+                  soft_wrap=True)
+
+
+def _device(device: str) -> str:
+    """``auto`` -> cuda when available, else cpu; any other name is checked (before the model loads)."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        target = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise PreftuneError(f"unknown device {device!r}", field="device",
+                            hint="use auto, cpu, cuda or cuda:N") from None
+    if target.type == "cuda":
+        if not torch.cuda.is_available():
+            raise PreftuneError("CUDA is not available here", field="device", hint="use --device auto or cpu")
+        if target.index is not None and target.index >= torch.cuda.device_count():
+            raise PreftuneError(f"no GPU {target.index}: this machine has {torch.cuda.device_count()}",
+                                field="device", hint="use --device cuda:0, or auto")
+    return device
 
 
 def register(app: typer.Typer) -> None:

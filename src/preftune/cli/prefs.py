@@ -5,13 +5,14 @@ Every command prints rich tables rounded to 6 decimals, or with ``--json`` every
 
 from __future__ import annotations
 
-import json
+import math
 from pathlib import Path
 
 import typer
 from rich.table import Table
 
-from preftune.cli._common import console, handle_errors, print_json
+from preftune.cli._common import handle_errors, plural, print_json
+from preftune.cli._common import plain_console as console
 from preftune.cli.prefs_loss import loss_app
 from preftune.errors import PreftuneError
 
@@ -107,25 +108,24 @@ def parse_rewards(spec: str) -> dict[str, float]:
     """``y1=1.0,y2=0.5`` or a file: JSON ``{"y1": 1.0}``, or lines ``y1,1.0`` / ``y1=1.0``."""
     path = Path(spec)
     if "=" not in spec and path.is_file():
-        from preftune.data.jsonl import read_text
+        from preftune.data.jsonl import decode_json, read_text, split_lines
 
         text = read_text(path)
         if text.lstrip().startswith("{"):
-            try:
-                obj = json.loads(text)
-            except json.JSONDecodeError as exc:
-                raise PreftuneError(f"malformed JSON: {exc.msg} (column {exc.colno})", path=str(path),
-                                    line=exc.lineno) from None
+            obj = decode_json(text, path=str(path), hint='a rewards file holds one JSON object {"y1": 1.0, ...}')
             items = [(1, str(k), v) for k, v in obj.items()]
         else:
             items = []
-            for line, raw in enumerate(text.splitlines(), start=1):
+            for line, raw in enumerate(split_lines(text), start=1):
                 if raw.strip():
                     name, sep, value = raw.replace("=", ",", 1).partition(",")
                     if not sep:
                         raise PreftuneError("expected 'name,reward'", path=str(path), line=line)
                     items.append((line, name.strip(), value.strip()))
         return _rewards(items, path=str(path))
+    if "=" not in spec and spec.strip():
+        raise PreftuneError("no such file, and not name=reward pairs", path=spec, field="--rewards",
+                            hint="write --rewards y1=1.0,y2=0.5,y3=-1 or give the path of a rewards file")
     items = []
     for k, part in enumerate(p for p in spec.split(",") if p.strip()):
         name, sep, value = part.partition("=")
@@ -143,10 +143,15 @@ def _rewards(items: list[tuple[int, str, object]], *, path: str | None) -> dict[
         if name in rewards:
             raise PreftuneError(f"response '{name}' is given twice", field=name if path else "--rewards", **where)
         try:
+            if isinstance(value, bool):
+                raise TypeError(value)
             rewards[name] = float(value)  # type: ignore[arg-type]
         except (TypeError, ValueError):
             raise PreftuneError(f"reward {value!r} of '{name}' is not a number",
                                 field=name if path else "--rewards", **where) from None
+        if not math.isfinite(rewards[name]):
+            raise PreftuneError(f"reward {value!r} of '{name}' is not finite", field=name if path else "--rewards",
+                                hint="rewards are finite numbers such as 1.0, -0.5 or 2e3", **where)
     return rewards
 
 
@@ -194,19 +199,21 @@ def fit(
     from preftune.core.bt_fit import fit_bradley_terry
     from preftune.data.comparisons import read_comparisons
 
+    if not math.isfinite(prior):  # the fit checks > 0; NaN and inf pass that check
+        raise PreftuneError(f"prior must be a finite number > 0, got {prior}", field="prior")
     data = read_comparisons(comparisons)
     if not as_json and bootstrap > 0:
         from rich.progress import Progress
 
         with Progress(transient=True, console=console, disable=not console.is_terminal) as progress:
-            progress.add_task(f"fitting and {bootstrap} bootstrap refits", total=None)
+            progress.add_task(f"fitting and {plural(bootstrap, 'bootstrap refit')}", total=None)
             result = fit_bradley_terry(data, n_bootstrap=bootstrap, seed=seed, prior=prior)
     else:
         result = fit_bradley_terry(data, n_bootstrap=bootstrap, seed=seed, prior=prior)
     if as_json:
         print_json(result.to_dict())
         return
-    out = Table(title=f"Bradley-Terry fit of {result.n_comparisons} comparisons")
+    out = Table(title=f"Bradley-Terry fit of {plural(result.n_comparisons, 'comparison')}")
     columns = ["#", "player", "strength", "2.5%", "97.5%", *(["Elo"] if elo else []), "W", "T", "L"]
     for name in columns:
         out.add_column(name, justify="left" if name == "player" else "right", no_wrap=name != "player")
@@ -220,7 +227,7 @@ def fit(
                   "W/T/L: wins, ties, losses (a tie counts half a win to each side)"
                   + ("; Elo = 1000 + 400/ln(10) * s." if elo else "."))
     if bootstrap > 0:
-        console.print(f"95% percentile intervals from {bootstrap} bootstrap resamples of the comparisons "
+        console.print(f"95% percentile intervals from {plural(bootstrap, 'bootstrap resample')} of the comparisons "
                       f"(seed {seed}).")
 
 

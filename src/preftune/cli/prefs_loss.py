@@ -246,8 +246,15 @@ def _sweep(name: str, spec: LossSpec, x: dict[str, Any], hp: dict[str, Any], kw:
     values = (kw["policy_chosen"], kw["policy_rejected"], kw["ref_chosen"])
     shown = f"{prob}(y_w)={values[0]:g}, {prob}(y_l)={values[1]:g}, {prob}_ref(y_w)={values[2]:g}" + extra
     shown_tex = ", ".join(f"${tex}{w}$={v:g}" for w, v in zip(("(y_w)", "(y_l)", "_{ref}(y_w)"), values, strict=True))
-    plots.beta_sweep(betas, curves, path, loss=name, title=spec.title or name, inputs=shown_tex + extra,
-                     at_reference=level[0] if math.isclose(level[0], level[1], abs_tol=1e-12) else None)
+    try:
+        plots.beta_sweep(betas, curves, path, loss=name, title=spec.title or name, inputs=shown_tex + extra,
+                         at_reference=level[0] if math.isclose(level[0], level[1], abs_tol=1e-12) else None)
+    except OSError as exc:
+        raise PreftuneError(f"cannot write the plot: {exc.strerror or exc}", path=str(path), field="--plot",
+                            hint="give a writable path such as beta_sweep.png") from None
+    except ValueError as exc:  # matplotlib: an unknown image format
+        raise PreftuneError(f"cannot write the plot: {str(exc).splitlines()[0]}", path=str(path), field="--plot",
+                            hint="end the path with .png, .pdf or .svg") from None
     if kw["as_json"]:
         print_json({"loss_name": name, "inputs": inputs, "beta": betas, "losses": series[0]["losses"],
                     "h": series[0]["h"], "compare": series[1] if len(series) > 1 else None, "plot": str(path)})
@@ -259,7 +266,7 @@ def _sweep(name: str, spec: LossSpec, x: dict[str, Any], hp: dict[str, Any], kw:
     for i, b in enumerate(betas):
         out.add_row(_f(b), *(_f(s["losses"][i]) for s in series))
     console.print(out)
-    console.print(f"plot written to {path}")
+    console.print(f"plot written to {path}", markup=False, soft_wrap=True)
 
 
 # ------------------------------------------------------------------------------------ building commands

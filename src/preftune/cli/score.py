@@ -20,7 +20,7 @@ from typing import Any
 
 import typer
 
-from preftune.cli._common import console, handle_errors
+from preftune.cli._common import console, handle_errors, plural, show_progress
 from preftune.errors import PreftuneError
 
 
@@ -36,6 +36,10 @@ def read_rows(path: Path) -> tuple[str, list[dict[str, Any]]]:
             for key in ("prompt", "completion"):
                 if key not in record:
                     raise PreftuneError(f"missing field '{key}'", path=str(path), line=number, field=key,
+                                        hint="generations need prompt and completion (preftune generate)")
+                if not _is_text(record[key]):
+                    raise PreftuneError(f"expected a string or a list of {{role, content}} messages, got "
+                                        f"{type(record[key]).__name__}", path=str(path), line=number, field=key,
                                         hint="generations need prompt and completion (preftune generate)")
             rows.append({"prompt": record["prompt"], "response": record["completion"], "out": record})
         return "generations", rows
@@ -58,6 +62,12 @@ def read_rows(path: Path) -> tuple[str, list[dict[str, Any]]]:
                 "item": index, "prompt": item.prompt, "response": item.completion, "label": item.label,
                 "source": item.source}})
     return "preferences", rows
+
+
+def _is_text(value: Any) -> bool:
+    """A string (an empty completion is one), or chat messages [{"role": ..., "content": ...}]."""
+    return isinstance(value, str) or (isinstance(value, list) and bool(value) and all(
+        isinstance(m, dict) and isinstance(m.get("content"), str) for m in value))
 
 
 def accuracy(rows: list[dict[str, Any]], scores: list[float]) -> tuple[int, int]:
@@ -94,20 +104,26 @@ def score_command(
 
     from preftune.data.jsonl import write_jsonl
     from preftune.models import load_reward_model, load_tokenizer, score_texts
+    from preftune.models.rewards import check_finite, check_reward_checkpoint
 
     for path in (data, normalize_on):
         if path is not None and not path.exists():
             raise PreftuneError("file not found", path=str(path))
-    tokenizer = load_tokenizer(model)
+    inputs = {path: read_rows(path) for path in (data, normalize_on) if path is not None}  # before the model loads
+    for path, (_kind, rows) in inputs.items():
+        if not rows:
+            raise PreftuneError("nothing to score", path=str(path))
+    tokenizer = load_tokenizer(model)  # a bad path or hub id fails here, in the loader's words
+    check_reward_checkpoint(model, field="model")  # before the weights: a causal LM has no trained score head
     reward_model = load_reward_model(model, tokenizer=tokenizer)
     reward_model.to("cuda" if torch.cuda.is_available() else "cpu")
 
     def run(path: Path) -> tuple[str, list[dict[str, Any]], list[float]]:
-        kind, rows = read_rows(path)
-        if not rows:
-            raise PreftuneError("nothing to score", path=str(path))
+        kind, rows = inputs[path]
         scores = score_texts(reward_model, tokenizer, [r["prompt"] for r in rows], [r["response"] for r in rows],
-                             batch_size=batch_size, max_length=max_length, progress=True)
+                             batch_size=batch_size, max_length=max_length, progress=show_progress())
+        check_finite(scores, [r["prompt"] for r in rows], [r["response"] for r in rows],
+                     source=f"the reward model {model}", field="model")
         return kind, rows, scores
 
     kind, rows, scores = run(data)
@@ -119,13 +135,13 @@ def score_command(
                          for row, score in zip(rows, scores, strict=True)])
     shifted = [s - offset for s in scores]
     mean = sum(shifted) / len(shifted)
-    console.print(f"scored {len(rows)} responses ({kind}) -> {output}; mean score {mean:.4f}"
+    console.print(f"scored {plural(len(rows), 'response')} ({kind}) -> {output}; mean score {mean:.4f}"
                   + (f" (shifted by {-offset:+.4f} so {normalize_on} has mean 0)" if normalize_on else ""),
-                  highlight=False)
+                  highlight=False, markup=False, soft_wrap=True)
     if kind == "preferences":
         correct, total = accuracy(rows, scores)
         if total:
-            console.print(f"accuracy {correct / total:.4f} ({correct} of {total} pairs ranked right)",
+            console.print(f"accuracy {correct / total:.4f} ({correct:,} of {plural(total, 'pair')} ranked right)",
                           highlight=False)
 
 

@@ -1,9 +1,10 @@
-"""`preftune train METHOD CONFIG.yaml [--key value ...]` for every registered method, and `preftune train keys`.
+"""`preftune train METHOD [CONFIG.yaml] [--key value ...]` for every registered method, and `preftune train keys`.
 
 The commands come from the registry ``preftune.train.METHODS``. Every key of a method's config dataclass
-can be set in the YAML file or overridden on the command line (``--beta 0.2``, ``--lora.r 8``,
-``--lora null``); the help of each command lists every key with its type, default and help string,
-generated from the dataclass.
+can be set in the YAML file or on the command line (``--beta 0.2``, ``--lora.r 8``, ``--lora null``); the
+file is optional (``preftune train dpo --model M --data D``, as TRL's CLI) and may also be given as
+``--config FILE``. The help of each command lists every key with its type, range, default and help
+string, generated from the dataclass. Every mistake in the keys is reported before a model loads.
 """
 
 from __future__ import annotations
@@ -25,11 +26,18 @@ train_app = typer.Typer(
 
 
 def _key_lines(infos: list[KeyInfo]) -> str:
-    """One line per key for the command's help: --key TYPE (default): help."""
+    """One line per key for the command's help: ``--key TYPE (default): help``; a bool key shows as
+    ``--key [true|false]`` (a bare ``--key`` means true), a string key with choices as ``{a|b}``, a number
+    key with its range (``float > 0``)."""
     rows = []
     for info in infos:
-        choices = f" {{{'|'.join(info.choices)}}}" if info.choices else ""
-        rows.append(_escape(f"--{info.name} {info.type}{choices} (default {format_value(info.default)}): {info.help}"))
+        if info.type == "bool":
+            kind = "[true|false]"
+        elif info.choices:
+            kind = f"{{{'|'.join(info.choices)}}}"
+        else:
+            kind = info.type_label()
+        rows.append(_escape(f"--{info.name} {kind} (default {format_value(info.default)}): {info.help}"))
     return "\n".join(rows)
 
 
@@ -40,18 +48,59 @@ def _escape(text: str) -> str:
 def _command(name: str):
     def command(
         ctx: typer.Context,
-        config: Path = typer.Argument(..., help="YAML config file (every key below; see docs/training.md)."),
+        config: str | None = typer.Argument(None, help="YAML config file (every key below; see docs/training.md); "
+                                     "optional: keys may all be given as --key value.", show_default=False),
     ) -> None:
         from preftune.config import load_config
         from preftune.train import run
 
-        resolved = load_config(METHODS[name].config, config, list(ctx.args))
+        path, overrides = split_config_argument([config, *ctx.args] if config is not None else list(ctx.args))
+        resolved = load_config(METHODS[name].config, path, overrides)
+        resolved.check_required(resolved.required_on_cli)
+        resolved.preflight()
+        check_model_sources(resolved)
         final = run(name, resolved)
         if int(os.environ.get("RANK", "0")) == 0:  # once, not once per process of a multi-process launch
             console.print(f"[green]done:[/] {final}")
 
     command.__doc__ = METHODS[name].summary
     return handle_errors(command)
+
+
+def split_config_argument(args: list[str]) -> tuple[Path | None, list[str]]:
+    """The config file and the overrides of ``train METHOD [CONFIG] [--key value ...]``: the file is the first
+    argument when it is not a ``--key``, or the value of ``--config`` (TRL's spelling) anywhere."""
+    from preftune.errors import PreftuneError
+
+    path: str | None = None
+    if args and not args[0].startswith("--"):
+        path, args = args[0], args[1:]
+    rest: list[str] = []
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg == "--config" or arg.startswith("--config="):
+            value = arg.partition("=")[2] if "=" in arg else (args[i + 1] if i + 1 < len(args) else "")
+            i += 1 if "=" in arg else 2
+            if not value or value.startswith("--"):
+                raise PreftuneError("--config needs a file", field="config", hint="--config CONFIG.yaml")
+            if path is not None:
+                raise PreftuneError(f"two config files: {path} and {value}", field="config",
+                                    hint="give one (as the first argument or as --config FILE)")
+            path = value
+            continue
+        rest.append(arg)
+        i += 1
+    return (Path(path) if path is not None else None), rest
+
+
+def check_model_sources(config: object) -> None:
+    """Before training starts: each model key names an existing model directory or a hub id the local
+    cache has when offline (``preftune.models.load.check_model``)."""
+    from preftune.models.load import check_model
+
+    for key, source in config.model_sources().items():  # type: ignore[attr-defined]
+        check_model(source, field=key)
 
 
 def keys_command(
@@ -79,7 +128,7 @@ def keys_command(
             table.add_column(column, overflow="fold")
         for i in infos:
             choices = f" ({', '.join(i.choices)})" if i.choices else ""
-            table.add_row(i.name, i.type, format_value(i.default), i.help + choices)
+            table.add_row(i.name, i.type_label(), format_value(i.default), i.help + choices)
         console.print(table)
 
 
@@ -112,7 +161,7 @@ def _markdown_table(infos: list[KeyInfo]) -> str:
     rows = ["| key | type | default | help |", "|---|---|---|---|"]
     for i in infos:
         choices = f" ({', '.join(i.choices)})" if i.choices else ""
-        cells = [f"`{i.name}`", i.type.replace(" | ", " or "), f"`{format_value(i.default)}`", i.help + choices]
+        cells = [f"`{i.name}`", i.type_label(null=" or null"), f"`{format_value(i.default)}`", i.help + choices]
         rows.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
     return "\n".join(rows)
 
@@ -132,9 +181,12 @@ def _raise(exc: Exception) -> None:
 for _name in METHODS:
     train_app.command(
         name=_name,
-        epilog="[bold]Keys[/] (in CONFIG or as --key value; --lora.r 8 sets one LoRA field):\n\n"
+        epilog="[bold]Keys[/] (in CONFIG or as --key value or --key=value; --max-new-tokens is --max_new_tokens; "
+               "a bare --flag means true; --lora.r 8 sets one LoRA field; a list is --key a,b or --key '\\[a, b]'; "
+               "null clears an optional key):\n\n"
                + _key_lines(keys(METHODS[_name].config)),
         context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+        no_args_is_help=True,
     )(_command(_name))
 train_app.command(name="keys")(keys_command)
 

@@ -1,5 +1,6 @@
 """The arithmetic of online RLHF as pure functions of tensors: KL estimators, KL-shaped rewards, KL
-controllers, advantages (GAE, leave-one-out, batch mean), whitening, PPO's clipped losses, statistics.
+controllers, advantages (GAE, leave-one-out, batch mean), whitening, PPO's clipped losses, statistics,
+and several rewards made into one (standardisation, aggregation, MaxMin's choice of group).
 
 The objective every online method in ``preftune.train`` climbs is the KL-regularised reward
 (Ziegler et al. 2019, Eq. 2; Ouyang et al. 2022, Eq. 2 without the ptx term)::
@@ -25,9 +26,11 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "AGGREGATIONS",
     "KL_ESTIMATORS",
     "AdaptiveKLController",
     "FixedKLController",
+    "aggregate_rewards",
     "approx_kl",
     "clip_fraction",
     "clipped_value_loss",
@@ -37,11 +40,14 @@ __all__ = [
     "kl_penalty",
     "leave_one_out_advantages",
     "masked_mean",
+    "maxmin_group",
+    "maxmin_objectives",
     "masked_var",
     "mean_baseline_advantages",
     "ppo_policy_loss",
     "sequence_entropy_estimate",
     "shaped_rewards",
+    "standardize",
     "whiten",
 ]
 
@@ -272,3 +278,68 @@ def sequence_entropy_estimate(logps: Tensor, mask: Tensor) -> Tensor:
     """``-sum_t log pi(y_t)`` per sequence: a one-sample estimate of the sequence entropy H(pi(.|x))
     (its expectation under y ~ pi is the entropy), logged as ``objective/entropy``."""
     return -(logps * mask.to(logps.dtype)).sum(-1)
+
+
+# --------------------------------------------------------------------------------------------- several rewards
+#
+# MaxMin-RLHF (Chakraborty et al. 2024, "MaxMin-RLHF: Alignment with Diverse Human Preferences", ICML):
+# with U groups of users, each with its reward r_u, the egalitarian objective is
+#
+#     max_pi  min_u  F_u(pi),    F_u(pi) = E_{x ~ D, y ~ pi(.|x)} [ r_u(x, y) ]  -  beta * KL( pi || pi_ref )
+#
+# and their Algorithm 1 takes, at each step, the policy-gradient step of the group whose F_u is lowest.
+
+AGGREGATIONS = ("mean", "min", "maxmin", "weighted")
+
+
+def standardize(scores: Tensor, mean: Tensor, std: Tensor) -> Tensor:
+    """``(r_u - mean_u) / std_u`` per reward: ``scores`` [R, B], ``mean`` and ``std`` [R] (each reward's
+    statistics on samples of the starting policy, so that no reward wins by its arbitrary scale)."""
+    return (scores - mean[:, None].to(scores.dtype)) / std[:, None].to(scores.dtype)
+
+
+def maxmin_objectives(mean_scores: Tensor, mean_kl: Tensor | float, *, kl_coef: float) -> Tensor:
+    """Each group's KL-regularised objective estimated on a rollout batch, [R]::
+
+        F_u = 1/B sum_b r_u(x_b, y_b)  -  beta * 1/B sum_b KL_b           (Chakraborty et al. 2024, Alg. 1)
+
+    from ``mean_scores`` [R] (the batch mean of each reward) and ``mean_kl`` (the batch mean of the
+    sequence KL). The KL term is the same for every group (one policy, one reference), so it moves every
+    F_u alike and never changes which group is lowest; it is kept so the logged values are the paper's."""
+    return mean_scores - kl_coef * torch.as_tensor(mean_kl, dtype=mean_scores.dtype)  # Alg. 1: F_u(pi_t)
+
+
+def maxmin_group(objectives: Tensor) -> int:
+    """The group MaxMin-RLHF optimises this step: ``u_min = argmin_u F_u`` (Chakraborty et al. 2024,
+    Alg. 1); a tie goes to the lowest index."""
+    values = objectives.tolist()
+    return min(range(len(values)), key=lambda u: (values[u], u))  # Alg. 1: u_min = argmin_u F_u(pi_t)
+
+
+def aggregate_rewards(scores: Tensor, how: str, weights: Tensor | list[float] | None = None, *,
+                      objectives: Tensor | None = None) -> Tensor:
+    """One reward per sample from R rewards: ``scores`` [R, B] -> [B].
+
+    * ``mean``: ``1/R sum_u r_u`` (utilitarian);
+    * ``min``: ``min_u r_u`` per sample (the form in the released MaxMin-RLHF code);
+    * ``maxmin``: ``r_{u_min}`` for every sample, ``u_min = maxmin_group(objectives)`` (Chakraborty et al.
+      2024, Alg. 1); ``objectives`` [R] default to the batch means of ``scores`` (the same choice: the KL
+      term of ``maxmin_objectives`` is shared by every group);
+    * ``weighted``: ``sum_u w_u r_u / sum_u w_u`` with ``weights`` [R] (non-negative, positive sum).
+    """
+    if scores.dim() != 2:
+        raise ValueError(f"scores must be [R, B], got shape {tuple(scores.shape)}")
+    if how == "mean":
+        return scores.mean(0)
+    if how == "min":
+        return scores.min(0).values
+    if how == "maxmin":
+        return scores[maxmin_group(scores.mean(-1) if objectives is None else objectives)]
+    if how == "weighted":
+        if weights is None:
+            raise ValueError("weighted aggregation needs weights")
+        w = torch.as_tensor(weights, dtype=scores.dtype, device=scores.device)
+        if w.shape != scores.shape[:1] or bool((w < 0).any()) or float(w.sum()) <= 0:
+            raise ValueError(f"weights must be {scores.shape[0]} numbers >= 0 with a positive sum, got {weights}")
+        return (w[:, None] * scores).sum(0) / w.sum()
+    raise ValueError(f"unknown aggregation {how!r}; valid: {', '.join(AGGREGATIONS)}")

@@ -48,12 +48,19 @@ def _optional(values: Sequence[float | None]) -> torch.Tensor:
     return torch.tensor([math.nan if v is None else float(v) for v in values], dtype=torch.float32)
 
 
+def _who(items: Sequence[Any]) -> dict[str, Any]:
+    """``annotator`` and ``group`` per item, as lists of str | None (not tensors: they are labels)."""
+    return {"annotator": [getattr(i, "annotator", None) for i in items],
+            "group": [getattr(i, "group", None) for i in items]}
+
+
 def collate_pairs(items: Sequence[TokenizedPair], *, pad_token_id: int,
-                  padding_side: str = "right") -> dict[str, torch.Tensor]:
+                  padding_side: str = "right") -> dict[str, Any]:
     """B pairs -> ``input_ids``/``attention_mask``/``labels`` [2B, T]: rows 0..B-1 chosen, B..2B-1 rejected.
 
     Adds ``margin`` [B] (NaN where a pair has none) when any pair has one, and ``ref_chosen_logps`` /
-    ``ref_rejected_logps`` [B] when every pair carries cached reference log-probs.
+    ``ref_rejected_logps`` [B] when every pair carries cached reference log-probs. ``annotator`` and
+    ``group`` are lists of B strings or None (who labelled each pair; group-robust DPO reads ``group``).
     """
     batch = _ids_labels([p.chosen_input_ids for p in items] + [p.rejected_input_ids for p in items],
                         [p.chosen_labels for p in items] + [p.rejected_labels for p in items],
@@ -63,17 +70,19 @@ def collate_pairs(items: Sequence[TokenizedPair], *, pad_token_id: int,
     if items and all(p.ref_chosen_logps is not None and p.ref_rejected_logps is not None for p in items):
         batch["ref_chosen_logps"] = _optional([p.ref_chosen_logps for p in items])
         batch["ref_rejected_logps"] = _optional([p.ref_rejected_logps for p in items])
+    batch.update(_who(items))
     return batch
 
 
 def collate_responses(items: Sequence[TokenizedPair | TokenizedRanking], *, pad_token_id: int,
-                      padding_side: str = "right") -> dict[str, torch.Tensor]:
+                      padding_side: str = "right") -> dict[str, Any]:
     """Pairs and rankings for a reward model: every response of every item in one [N, T] tensor.
 
     ``response_index`` [B, K] gives the rows of item b's responses best first (a pair is K=2: chosen,
     rejected), ``response_mask`` [B, K] marks the real ones, ``margin`` [B] is NaN where absent, and
     ``is_ranking`` [B] says which items are rankings (pairs use the Bradley-Terry loss, rankings the
-    all-pairs InstructGPT loss).
+    all-pairs InstructGPT loss). ``annotator`` and ``group`` are lists of B strings or None (the unit of
+    a reward mixture's EM is the annotator).
     """
     sequences: list[list[int]] = []
     groups: list[list[int]] = []
@@ -94,6 +103,7 @@ def collate_responses(items: Sequence[TokenizedPair | TokenizedRanking], *, pad_
         "response_index": index, "response_mask": mask,
         "margin": _optional([None if isinstance(i, TokenizedRanking) else i.margin for i in items]),
         "is_ranking": torch.tensor([isinstance(i, TokenizedRanking) for i in items], dtype=torch.bool),
+        **_who(items),
     }
 
 

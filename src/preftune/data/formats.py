@@ -16,7 +16,9 @@ format                      fields
 ``sft_text``                ``text``
 ==========================  ================================================================
 
-Optional columns ``margin``, ``annotator``, ``group`` and ``id`` are kept on every preference format.
+Optional columns ``margin``, ``annotator``, ``group`` and ``id`` are kept on every preference format;
+``user_id``, ``annotator_id`` and ``worker_id`` are read as ``annotator``, ``group_id`` as ``group``
+(``preftune.data.records.ALIASES``).
 Converting a raw record into these dataclasses is done by :mod:`preftune.data.records`.
 """
 
@@ -182,8 +184,9 @@ class LoadReport:
 
     def summary(self) -> str:
         """One line for logs, e.g. ``data.jsonl: standard, 100 rows, 98 loaded, 2 dropped, 3 problems``."""
-        return (f"{self.source}: {self.format} ({self.format_from}), {self.n_rows} rows, "
-                f"{self.n_loaded} loaded, {self.n_dropped} dropped, {len(self.problems)} problems")
+        n = len(self.problems)
+        return (f"{self.source}: {self.format} ({self.format_from}), {self.n_rows} row{'' if self.n_rows == 1 else 's'}, "
+                f"{self.n_loaded} loaded, {self.n_dropped} dropped, {n} problem{'' if n == 1 else 's'}")
 
 
 Example = Union[PreferencePair, Ranking, UnpairedExample]

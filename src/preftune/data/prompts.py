@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from preftune.data.jsonl import parse_jsonl, read_text
+from preftune.data.jsonl import parse_jsonl, read_text, split_lines
 from preftune.errors import PreftuneError
 
 Prompt = str | list[dict[str, Any]]  # a plain prompt, or chat messages [{"role": ..., "content": ...}]
@@ -44,7 +44,7 @@ def load_prompts(path: str | Path, *, from_preferences: bool = False) -> list[Pr
         return _preference_prompts(path)
     text = read_text(path, missing_hint="check the path to the prompts file")
     if not is_json:
-        prompts: list[Prompt] = [line for line in text.splitlines() if line.strip()]
+        prompts: list[Prompt] = [line for line in split_lines(text) if line.strip()]  # U+2028 is no break
     else:
         prompts = []
         for lineno, record in parse_jsonl(text, path=str(path)):

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from preftune.core.prefs import Ratings, rating_value, ratings_from_mapping
-from preftune.data.jsonl import read_text
+from preftune.data.jsonl import decode_json, read_text
 from preftune.errors import PreftuneError
 
 
@@ -45,7 +45,8 @@ def parse_ratings_csv(text: str, *, path: str = "<ratings>") -> Ratings:
             continue
         if len(cells) != len(header):
             raise PreftuneError(
-                f"row has {len(cells) - 1} ratings but the header names {len(header) - 1} responses",
+                f"row has {len(cells) - 1} rating{'' if len(cells) == 2 else 's'} but the header names "
+                f"{len(header) - 1} responses",
                 path=path, line=line, field=header[0], hint="give every group one rating per response")
         group = cells[0]
         if not group:
@@ -82,10 +83,8 @@ def parse_ratings_json(text: str, *, path: str = "<ratings>") -> Ratings:
     if not text.strip():
         raise PreftuneError("the file is empty", path=path, line=1,
                             hint='write {"group": {"y1": 1, "y2": 0}, ...}')
-    try:
-        obj = json.loads(text, object_pairs_hook=lambda pairs: _no_duplicates(pairs, text, path))
-    except json.JSONDecodeError as exc:
-        raise PreftuneError(f"malformed JSON: {exc.msg} (column {exc.colno})", path=path, line=exc.lineno) from None
+    obj = decode_json(text, path=path, hint='a ratings file holds one JSON object {"group": {"response": rating}}',
+                      object_pairs_hook=lambda pairs: _no_duplicates(pairs, text, path))
     if isinstance(obj, dict) and isinstance(obj.get("responses"), list) and isinstance(obj.get("ratings"), dict):
         obj = _from_course_layout(obj, text=text, path=path)
     if not isinstance(obj, dict) or not obj:

@@ -93,6 +93,9 @@ def _decode_list_fields(record: dict[str, Any], ctx: RecordContext) -> dict[str,
             except json.JSONDecodeError as exc:
                 raise ctx.error(f"malformed JSON list in the cell: {exc.msg} (column {exc.colno})",
                                 field=name, hint="write list fields as JSON arrays, e.g. [\"a\", \"b\"]") from None
+            except (RecursionError, ValueError):  # nested too deeply, an integer too long
+                raise ctx.error("unreadable JSON list in the cell: nested too deeply or a number too long",
+                                field=name, hint="write list fields as flat JSON arrays, e.g. [\"a\", \"b\"]") from None
             out = dict(out) if out is record else out
             out[name] = decoded
     return out
@@ -156,8 +159,30 @@ def _margin(record: dict[str, Any], ctx: RecordContext) -> float | None:
     return _number(value, "margin", ctx)
 
 
+# Other names datasets give the annotator and the group columns (PRISM's ``user_id``, crowd-sourcing's
+# ``worker_id``, ...); read as ``annotator`` and ``group`` on every preference format.
+ALIASES: dict[str, tuple[str, ...]] = {"annotator": ("user_id", "annotator_id", "worker_id"),
+                                       "group": ("group_id",)}
+
+
+def _aliased(record: dict[str, Any], name: str, ctx: RecordContext) -> str | None:
+    """``record[name]`` or, when absent, the value of one of its aliases; two that disagree are an error."""
+    value, found = _optional_str(record, name), name
+    for alias in ALIASES[name]:
+        other = _optional_str(record, alias)
+        if other is None:
+            continue
+        if value is not None and other != value:
+            raise ctx.error(f"'{alias}' is {other!r} but '{found}' is {value!r}; both name the {name}",
+                            field=alias, hint=f"keep one of {', '.join((name, *ALIASES[name]))}, "
+                                              "or make them agree")
+        if value is None:
+            value, found = other, alias
+    return value
+
+
 def _extras(record: dict[str, Any], ctx: RecordContext) -> dict[str, Any]:
-    return {"annotator": _optional_str(record, "annotator"), "group": _optional_str(record, "group"),
+    return {"annotator": _aliased(record, "annotator", ctx), "group": _aliased(record, "group", ctx),
             "id": _optional_str(record, "id"), "source": ctx.where}
 
 

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from preftune.data.jsonl import parse_jsonl, read_text
+from preftune.data.jsonl import decode_json, parse_jsonl, read_text
 from preftune.errors import PreftuneError
 
 DATA_SUFFIXES = (".jsonl", ".ndjson", ".json", ".csv", ".parquet")
@@ -114,6 +114,8 @@ def _read_json(name: str, text: str, split: str) -> Iterator[Record]:
             return
         raise PreftuneError(f"malformed JSON: {exc.msg} (column {exc.colno})", path=name, line=exc.lineno,
                             hint="the file must hold one JSON value: a list of objects") from None
+    except (RecursionError, ValueError):  # nested too deeply, an integer too long: say so as for a JSONL line
+        data = decode_json(text, path=name)  # raises the PreftuneError that names the file and line
     key = None
     if isinstance(data, dict):
         key = next((k for k in (split, "data") if isinstance(data.get(k), list)), None)
@@ -165,7 +167,7 @@ def _element_lines(text: str, key: str | None) -> list[int]:
             i = _WS.match(text, i).end()
             if text[i] == ",":
                 i += 1
-    except (ValueError, IndexError):
+    except (ValueError, IndexError, RecursionError):
         return lines                                             # fall back to element numbers
 
 

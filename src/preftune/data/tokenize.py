@@ -47,7 +47,8 @@ class TruncationStats:
     dropped: int = 0               # examples left out (truncation: drop)
 
     def summary(self) -> str:
-        return (f"{self.kept}/{self.total} examples kept; prompt truncated in {self.prompt_truncated}, "
+        return (f"{self.kept}/{self.total} example{'' if self.total == 1 else 's'} kept; "
+                f"prompt truncated in {self.prompt_truncated}, "
                 f"response truncated in {self.response_truncated}, dropped {self.dropped}")
 
 
@@ -70,6 +71,8 @@ class TokenizedPair:
     margin: float | None = None
     ref_chosen_logps: float | None = None      # filled by the DPO reference pass (train/refcache.py)
     ref_rejected_logps: float | None = None
+    annotator: str | None = None               # who labelled the pair, and their group (collated as lists)
+    group: str | None = None
 
     @property
     def length(self) -> int:
@@ -83,6 +86,8 @@ class TokenizedRanking:
     input_ids: list[list[int]]
     labels: list[list[int]]
     scores: list[float] = field(default_factory=list)
+    annotator: str | None = None
+    group: str | None = None
 
     @property
     def length(self) -> int:
@@ -222,10 +227,16 @@ def tokenize_prompt_response(tokenizer: Any, prompt: Text, response: Text, *, ma
 
 
 # ---------------------------------------------------------------------------------------------- preference data
+def _who(example: Any) -> dict[str, str | None]:
+    """The example's ``annotator`` and ``group`` (None when it has none), carried to the batch."""
+    return {"annotator": getattr(example, "annotator", None), "group": getattr(example, "group", None)}
+
+
 def tokenize_pair(tokenizer: Any, pair: Any, *, max_length: int, max_prompt_length: int | None = None,
                   truncation: str = "keep_end", stats: TruncationStats | None = None,
                   index: int | None = None) -> TokenizedPair | None:
-    """A ``PreferencePair`` (prompt, chosen, rejected, margin) -> ``TokenizedPair``; None if dropped."""
+    """A ``PreferencePair`` (prompt, chosen, rejected, margin, annotator, group) -> ``TokenizedPair``;
+    None if dropped."""
     out = _truncate(tokenizer, pair.prompt, [pair.chosen, pair.rejected], max_length=max_length,
                     max_prompt_length=max_prompt_length, truncation=truncation, stats=stats, example=pair,
                     index=index)
@@ -234,7 +245,7 @@ def tokenize_pair(tokenizer: Any, pair: Any, *, max_length: int, max_prompt_leng
     (chosen_ids, chosen_labels), (rejected_ids, rejected_labels) = out
     margin = getattr(pair, "margin", None)
     return TokenizedPair(chosen_ids, chosen_labels, rejected_ids, rejected_labels,
-                         margin=None if margin is None else float(margin))
+                         margin=None if margin is None else float(margin), **_who(pair))
 
 
 def tokenize_ranking(tokenizer: Any, ranking: Any, *, max_length: int, max_prompt_length: int | None = None,
@@ -250,7 +261,7 @@ def tokenize_ranking(tokenizer: Any, ranking: Any, *, max_length: int, max_promp
     if out is None:
         return None
     scores = [float(x) for x in ranking.scores] if getattr(ranking, "scores", None) is not None else []
-    return TokenizedRanking([ids for ids, _ in out], [lab for _, lab in out], scores)
+    return TokenizedRanking([ids for ids, _ in out], [lab for _, lab in out], scores, **_who(ranking))
 
 
 def tokenize_preferences(tokenizer: Any, items: Sequence[Any], *, max_length: int,

@@ -143,7 +143,8 @@ def describe(examples: Sequence[Any], report: LoadReport, *, tokenizer: Any = No
     """Everything `preftune data inspect` shows, as plain data (JSON-ready).
 
     Keys: source, files, format, format_from, counts, chars (length stats per column), tokens (with a
-    tokenizer), length_bias (chars, and tokens), duplicates, problem_counts, problems.
+    tokenizer), length_bias (chars, and tokens), duplicates, annotators and groups (when the data names
+    them: :func:`labellers`), problem_counts, problems.
     """
     counts: dict[str, Any] = {"rows": report.n_rows, "loaded": report.n_loaded, "dropped": report.n_dropped}
     kinds = Counter(type(ex).__name__ for ex in examples)
@@ -179,9 +180,85 @@ def describe(examples: Sequence[Any], report: LoadReport, *, tokenizer: Any = No
         "repeated_prompts": sum(1 for c in prompts.values() if c > 1),
         "max_rows_per_prompt": max(prompts.values(), default=0),
     }
+    out.update(labellers(examples))
     out["problem_counts"] = dict(sorted(Counter(p.kind for p in report.problems).items()))
     out["problems"] = [{"kind": p.kind, "where": p.where, "field": p.field, "message": p.message}
                        for p in report.problems]
+    return out
+
+
+# ------------------------------------------------------------------------------------------ who labelled what
+
+
+def _labels(ex: Any) -> int:
+    """Pairwise labels an example holds: 1 for a pair, K-choose-2 (ties skipped) for a ranking, else 0."""
+    if isinstance(ex, PreferencePair):
+        return 1
+    return len(ex.to_pairs()) if isinstance(ex, Ranking) else 0
+
+
+def _mean_agreement(shared: list[float]) -> dict[str, Any]:
+    return {"pairs": len(shared), "agreement": statistics.fmean(shared) if shared else None}
+
+
+def group_agreement(examples: Iterable[Any]) -> dict[str, Any]:
+    """How often two groups prefer the same response of a pair that both labelled.
+
+    A pair is the same pair when the prompt and the two responses are the same, in either order; a label
+    is the response preferred. For groups g and h and a pair both labelled, the agreement is the share of
+    (label of g, label of h) combinations that prefer the same response (1 or 0 when each group gave one
+    label); ``between`` averages it over the pairs both labelled. ``within`` g does the same for the
+    pairs g labelled more than once (every two labels of g), a yardstick for ``between``.
+    """
+    votes: dict[tuple[str, frozenset[str]], dict[str, Counter[str]]] = {}   # pair -> group -> preferred: count
+    for pair in _pairs(ex for ex in examples if getattr(ex, "group", None) is not None):
+        chosen, rejected = text_key(pair.chosen), text_key(pair.rejected)
+        if chosen != rejected:  # chosen == rejected carries no preference (reported as a problem)
+            key = (text_key(pair.prompt), frozenset((chosen, rejected)))
+            votes.setdefault(key, {}).setdefault(pair.group, Counter())[chosen] += 1   # type: ignore[arg-type]
+    shares: dict[tuple[str, str], list[float]] = {}      # (g, h), g <= h -> one share per pair both labelled
+    for by_group in votes.values():
+        present = sorted(by_group)
+        for i, g in enumerate(present):
+            mine, n = by_group[g], sum(by_group[g].values())
+            if n > 1:   # agreeing pairs of labels within g / all pairs of labels within g
+                shares.setdefault((g, g), []).append(sum(c * (c - 1) for c in mine.values()) / (n * (n - 1)))
+            for h in present[i + 1:]:
+                theirs = by_group[h]
+                agree = sum(c * theirs[r] for r, c in mine.items())
+                shares.setdefault((g, h), []).append(agree / (n * sum(theirs.values())))
+    groups = sorted({g for by_group in votes.values() for g in by_group})
+    return {"between": [{"groups": [g, h], **_mean_agreement(shares.get((g, h), []))}
+                        for i, g in enumerate(groups) for h in groups[i + 1:]],
+            "within": {g: _mean_agreement(shares.get((g, g), [])) for g in groups}}
+
+
+def labellers(examples: Sequence[Any]) -> dict[str, Any]:
+    """Per annotator and per group: how many rows (``labels``) and pairwise labels (``pairs``: a ranking
+    gives K-choose-2) each gave, and the groups' agreement (:func:`group_agreement`). Empty sections are
+    left out: ``{}`` when no example names an annotator or a group."""
+    labelled = [ex for ex in examples if isinstance(ex, (PreferencePair, Ranking, UnpairedExample))]
+    out: dict[str, Any] = {}
+    for who in ("annotator", "group"):
+        named = [ex for ex in labelled if getattr(ex, who) is not None]
+        if not named:
+            continue
+        by: dict[str, dict[str, Any]] = {}
+        for ex in named:
+            entry = by.setdefault(getattr(ex, who), {"labels": 0, "pairs": 0, "others": set()})
+            entry["labels"] += 1
+            entry["pairs"] += _labels(ex)
+            other = ex.group if who == "annotator" else ex.annotator
+            if other is not None:
+                entry["others"].add(other)
+        for entry in by.values():   # an annotator's groups; a group's number of annotators
+            others = entry.pop("others")
+            entry.update({"groups": sorted(others)} if who == "annotator" else {"annotators": len(others)})
+        out[who + "s"] = {"count": len(by), f"without_{who}": len(labelled) - len(named),
+                          "labels_per_" + who: length_stats([e["labels"] for e in by.values()]),
+                          "by_" + who: dict(sorted(by.items()))}
+    if "groups" in out:
+        out["groups"]["agreement"] = group_agreement(labelled)
     return out
 
 

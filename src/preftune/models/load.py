@@ -1,7 +1,10 @@
 """Load the models of the flow of work: tokenizer, policy, reference, reward model (hub id or local dir).
 
 Everything goes through ``from_pretrained``, so a Hugging Face hub id and a local directory (for example
-the output of ``preftune train sft``) are the same thing to this module.
+the output of ``preftune train sft``) are the same thing to this module. Which one a string is decides
+what a mistake is called (``model_source``): a path that does not exist is "no such directory", a hub id
+that cannot be had is "not in the local cache" (offline) or "no model ... on the hub"; each error names
+the config key the string came from (``field``: model, ref_model, reward, value_model).
 
 Two details matter for correctness and are handled here once:
 
@@ -20,7 +23,11 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import difflib
+import os
+import re
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -51,16 +58,121 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | str | None:
                             hint="use one of auto, float32, bfloat16, float16") from None
 
 
+# ---------------------------------------------------------------------------------------------- where a model is
+# A hub repo id is `name` or `org/name`: letters, digits, - _ . (no -- or .., not starting or ending with - or .)
+_REPO_PART = re.compile(r"^(?!.*(--|\.\.))[A-Za-z0-9](?:[A-Za-z0-9_.-]{0,94}[A-Za-z0-9_])?$")
+_MODEL_FILES = ("config.json", "adapter_config.json")
+_TOKENIZER_FILES = (*_MODEL_FILES, "tokenizer_config.json", "tokenizer.json")
+
+
+def is_repo_id(text: str) -> bool:
+    """True for a well-formed Hugging Face repo id: ``gpt2``, ``org/model`` (not ``runs/sft/final``, ``./x``)."""
+    parts = text.split("/")
+    return 1 <= len(parts) <= 2 and all(_REPO_PART.match(part) for part in parts)
+
+
+def looks_like_path(text: str) -> bool:
+    """True when ``text`` can only mean a local path, never a hub id. The rule: it starts with ``/``,
+    ``./``, ``../`` or ``~`` (or is ``.`` / ``..``), holds a backslash or a drive letter, ends with ``/``,
+    has more than two parts (``runs/sft/final``: a hub id is ``name`` or ``org/name``), is no well-formed
+    repo id at all, or its first part is an existing local directory (``runs/x`` where ``./runs`` exists)."""
+    if text in (".", "..") or text.startswith(("/", "./", "../", "~")) or "\\" in text or text.endswith("/"):
+        return True
+    if re.match(r"^[A-Za-z]:", text) or not is_repo_id(text):
+        return True
+    return "/" in text and Path(text.split("/")[0]).is_dir()
+
+
+def model_source(name: str, *, field: str = "model", files: tuple[str, ...] = _MODEL_FILES) -> str:
+    """``"dir"`` for a local model directory, ``"hub"`` for a hub id; a path that is no model directory
+    is an error naming ``field``: no such directory (with the nearest existing folder and names in it), a
+    file, or a directory with none of ``files`` (a run directory: its model is in ``final/``)."""
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if any((path / f).is_file() for f in files):
+            return "dir"
+        inner = [p for p in (path / "final", path / "final-merged") if (p / "config.json").is_file()]
+        hint = (f"did you mean {inner[0]}? A run directory keeps its model in final/" if inner else
+                "give a directory a model was saved to with save_pretrained (e.g. runs/sft/final)")
+        raise PreftuneError(f"{name!r} is not a model directory (it has no config.json)", field=field, hint=hint)
+    if path.exists():
+        raise PreftuneError(f"{name!r} is a file, not a model directory", field=field,
+                            hint="give the directory the model was saved to (with config.json and the weights)")
+    if looks_like_path(name):
+        raise PreftuneError(f"no such directory: {name!r}", field=field,
+                            hint=missing_path_hint(path, "train the model first or fix the path"))
+    return "hub"
+
+
+def missing_path_hint(path: Path, advice: str) -> str:
+    """For a path that does not exist: the nearest existing folder above it, the name in that folder
+    closest to the missing one, and ``advice``."""
+    parent = next((p for p in path.parents if p.is_dir()), Path("."))
+    missing = path.relative_to(parent).parts[0] if path.is_relative_to(parent) else path.name
+    try:
+        names = sorted(p.name for p in parent.iterdir())
+    except OSError:
+        names = []
+    close = difflib.get_close_matches(missing, names, n=1, cutoff=0.6)
+    shown = "the current directory" if str(parent) == "." else f"{parent}/"
+    found = f"did you mean {parent / close[0]}? " if close else ""
+    relative = "" if path.is_absolute() else f" (a relative path is read from {Path.cwd()})"
+    return f"{found}{shown} has no {missing!r}; {advice}{relative}"
+
+
+def _offline() -> bool:
+    return any(os.environ.get(v, "").lower() in ("1", "true", "yes", "on")
+               for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def check_model(name: str, *, field: str = "model", files: tuple[str, ...] = _MODEL_FILES) -> str:
+    """``model_source`` and, for a hub id while offline (HF_HUB_OFFLINE=1), that the local cache has it:
+    said before anything loads. Returns ``"dir"`` or ``"hub"``."""
+    kind = model_source(name, field=field, files=files)
+    if kind == "hub" and _offline():
+        from huggingface_hub import try_to_load_from_cache
+
+        if not any(isinstance(try_to_load_from_cache(name, f), str) for f in files):
+            raise _not_cached(name, field, reason="HF_HUB_OFFLINE is set")
+    return kind
+
+
+def _not_cached(name: str, field: str, *, reason: str) -> PreftuneError:
+    from huggingface_hub import constants
+
+    local = f" (and there is no local directory {name!r})" if "/" in name else ""
+    return PreftuneError(f"{name!r} is not in the local Hugging Face cache and cannot be downloaded ({reason})",
+                         field=field, hint=f"download it where there is internet (`hf download {name}`) into "
+                         f"{constants.HF_HUB_CACHE} (or $HF_HOME), or give a local model directory{local}")
+
+
+def _load_error(name: str, exc: Exception, *, field: str, what: str) -> PreftuneError:
+    """A loader's exception as one line naming ``field``: unreachable hub, unknown repo, or the loader's words."""
+    text = " ".join(str(exc).split())
+    if model_source(name, field=field, files=_TOKENIZER_FILES) == "hub":
+        if "connect" in text or "offline" in text.lower() or "cached files" in text:
+            return _not_cached(name, field, reason="the hub cannot be reached; set HF_HUB_OFFLINE=1 to "
+                               "skip the retries")
+        if "not a valid model identifier" in text or "Repository Not Found" in text or "404" in text:
+            return PreftuneError(f"no model {name!r} on the Hugging Face hub and no local directory of that name",
+                                 field=field, hint="check the id (https://huggingface.co/models) or the path; a "
+                                 "private or gated model needs `hf auth login`")
+    return PreftuneError(f"cannot load a {what} from {name!r}: {text}", field=field,
+                         hint="give a Hugging Face hub id or a local model directory")
+
+
 # ---------------------------------------------------------------------------------------------- tokenizer
-def load_tokenizer(name_or_path: str, *, trust_remote_code: bool = False, padding_side: str = "right") -> Any:
-    """Load a tokenizer and make sure it has a pad token (EOS when it exists, else a new ``<pad>``)."""
+def load_tokenizer(name_or_path: str, *, trust_remote_code: bool = False, padding_side: str = "right",
+                   field: str = "model") -> Any:
+    """Load a tokenizer and make sure it has a pad token (EOS when it exists, else a new ``<pad>``).
+    ``field`` is the config key ``name_or_path`` came from, for errors."""
     from transformers import AutoTokenizer
 
+    check_model(name_or_path, field=field, files=_TOKENIZER_FILES)
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
-        raise PreftuneError(f"cannot load a tokenizer from {name_or_path!r}: {exc}", field="model",
-                            hint="give a Hugging Face hub id or a local model directory") from None
+        raise _load_error(name_or_path, exc, field=field, what="tokenizer") from None
     return ensure_pad_token(tokenizer, padding_side=padding_side)
 
 
@@ -112,21 +224,21 @@ def _finish(model: Any, *, lora: dict[str, Any] | None, gradient_checkpointing: 
     return model
 
 
-def _from_pretrained(auto_class: Any, name: str, **kwargs: Any) -> Any:
+def _from_pretrained(auto_class: Any, name: str, *, field: str = "model", **kwargs: Any) -> Any:
+    check_model(name, field=field)
     try:
         return auto_class.from_pretrained(name, **kwargs)
     except (OSError, ValueError) as exc:
-        raise PreftuneError(f"cannot load a model from {name!r}: {exc}", field="model",
-                            hint="give a Hugging Face hub id or a local model directory") from None
+        raise _load_error(name, exc, field=field, what="model") from None
 
 
 def load_policy(name: str, *, dtype: str | torch.dtype | None = "auto", lora: dict[str, Any] | None = None,
                 gradient_checkpointing: bool = False, trust_remote_code: bool = False,
-                tokenizer: Any | None = None) -> Any:
+                tokenizer: Any | None = None, field: str = "model") -> Any:
     """The trainable causal LM (``AutoModelForCausalLM``), wrapped in a peft LoRA model when ``lora`` is given."""
     from transformers import AutoModelForCausalLM
 
-    model = _from_pretrained(AutoModelForCausalLM, name, dtype=resolve_dtype(dtype),
+    model = _from_pretrained(AutoModelForCausalLM, name, field=field, dtype=resolve_dtype(dtype),
                              trust_remote_code=trust_remote_code)
     _fit_to_tokenizer(model, tokenizer)
     return _finish(model, lora=lora, gradient_checkpointing=gradient_checkpointing, task_type="CAUSAL_LM")
@@ -140,11 +252,11 @@ def freeze(model: Any) -> Any:
 
 
 def load_reference(name: str, *, dtype: str | torch.dtype | None = "auto", trust_remote_code: bool = False,
-                   tokenizer: Any | None = None) -> Any:
+                   tokenizer: Any | None = None, field: str = "ref_model") -> Any:
     """A frozen causal LM (eval mode, no gradients) to serve as the DPO/KL reference pi_ref."""
     from transformers import AutoModelForCausalLM
 
-    model = _from_pretrained(AutoModelForCausalLM, name, dtype=resolve_dtype(dtype),
+    model = _from_pretrained(AutoModelForCausalLM, name, field=field, dtype=resolve_dtype(dtype),
                              trust_remote_code=trust_remote_code)
     _fit_to_tokenizer(model, tokenizer)
     return freeze(model)
@@ -191,7 +303,7 @@ def adapter_disabled(model: Any) -> Iterator[Any]:
 
 def load_reward_model(name: str, *, dtype: str | torch.dtype | None = "auto", lora: dict[str, Any] | None = None,
                       gradient_checkpointing: bool = False, trust_remote_code: bool = False,
-                      tokenizer: Any | None = None) -> Any:
+                      tokenizer: Any | None = None, field: str = "model") -> Any:
     """A scalar reward model r_phi(x, y): ``AutoModelForSequenceClassification`` with ``num_labels=1``.
 
     Works from any causal-LM checkpoint (typically the SFT model, as in InstructGPT, Ouyang et al. 2022,
@@ -204,7 +316,7 @@ def load_reward_model(name: str, *, dtype: str | torch.dtype | None = "auto", lo
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # "score.weight newly initialized" is expected here
     try:
-        model = _from_pretrained(AutoModelForSequenceClassification, name, num_labels=1,
+        model = _from_pretrained(AutoModelForSequenceClassification, name, field=field, num_labels=1,
                                  dtype=resolve_dtype(dtype), trust_remote_code=trust_remote_code)
     finally:
         hf_logging.set_verbosity(verbosity)

@@ -6,12 +6,18 @@ Python function.
 * ``RewardModel(path)`` loads a preftune reward model (directory or hub id) and scores prompt +
   completion + EOS exactly as in reward-model training;
 * ``load_scorer(spec)`` turns either (or a Python callable) into ``scorer(prompts, completions) -> [float]``.
+
+Two kinds of silent nonsense are refused here, once for every user (judges, PPO / RLOO / RAFT rewards,
+``preftune score``): a causal LM given where a reward model belongs (``check_reward_checkpoint``: its
+score head would be freshly random), and a score that is NaN or infinite (``check_finite``: it would
+turn every comparison into a tie, or every advantage into NaN).
 """
 
 from __future__ import annotations
 
 import importlib
 import importlib.util
+import math
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -21,6 +27,7 @@ from preftune.data.prompts import prompt_text
 from preftune.errors import PreftuneError
 
 Scorer = Callable[[Sequence[Any], Sequence[str]], list[float]]
+LM_HEADS = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration", "ForMaskedLM")  # architectures of LMs
 
 
 def is_function_spec(spec: str) -> bool:
@@ -63,18 +70,68 @@ def load_function(spec: str, *, field: str = "judge") -> Callable[..., Any]:
     return fn
 
 
+def excerpt(text: Any, width: int = 60) -> str:
+    """A text on one line, cut to ``width`` characters, quoted: for naming a prompt in an error."""
+    text = " ".join(prompt_text(text).split())
+    return repr(text if len(text) <= width else text[: width - 3] + "...")
+
+
+def check_finite(scores: Sequence[float], prompts: Sequence[Any], completions: Sequence[str], *, source: str,
+                 field: str = "judge", hint: str | None = None) -> list[float]:
+    """``scores`` unchanged when every one is a finite number; else an error naming the first bad
+    score's prompt and completion and ``source`` (the function or model that gave it)."""
+    for score, prompt, completion in zip(scores, prompts, completions, strict=True):
+        if not math.isfinite(score):
+            raise PreftuneError(f"{source} gave the score {score} for the prompt {excerpt(prompt)} "
+                                f"(completion {excerpt(completion, 40)})", field=field,
+                                hint=hint or "scores must be finite numbers: a NaN would make every "
+                                             "comparison a tie")
+    return list(scores)
+
+
 def function_scores(fn: Callable[[str, str], Any], prompts: Sequence[str], completions: Sequence[str], *,
                     name: str, field: str = "judge") -> list[float]:
-    """``float(fn(prompt, completion))`` for each pair; a value that is not a number is an error."""
+    """``float(fn(prompt, completion))`` for each pair; a value that is not a number, or is NaN or
+    infinite, is an error naming the function and the prompt."""
     out = []
     for p, c in zip(prompts, completions, strict=True):
         value = fn(p, c)
         try:
             out.append(float(value))
         except (TypeError, ValueError):
-            raise PreftuneError(f"the scoring function {name} returned {value!r}, not a number",
-                                field=field) from None
-    return out
+            raise PreftuneError(f"the scoring function {name} returned {value!r}, not a number, for the prompt "
+                                f"{excerpt(p)}", field=field) from None
+    return check_finite(out, prompts, completions, source=f"the scoring function {name}", field=field,
+                        hint="return a finite float from the function (a NaN or inf cannot be compared)")
+
+
+def check_reward_checkpoint(path: str, *, field: str = "reward") -> None:
+    """Refuse a checkpoint that is not a reward model: its config names only other architectures
+    (``LlamaForCausalLM``, ``GPT2LMHeadModel``, ``BertModel``, ...; not ``...ForSequenceClassification``
+    nor a custom ``...Reward...`` class), so its weights hold no score head and loading it as a reward
+    model would add a freshly random one. Checked before the weights load.
+
+    The config comes the normal way (``AutoConfig.from_pretrained``: a local directory, or a hub id's
+    config.json). One that cannot be read here (a LoRA adapter directory, a hub id out of reach) or names
+    no architecture is left to the loader."""
+    from transformers import AutoConfig
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except Exception:  # noqa: BLE001 - not our verdict: the model loader reports a bad path in its words
+        return
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    architectures = list(getattr(config, "architectures", None) or [])
+    if architectures and not any("ForSequenceClassification" in a or "Reward" in a for a in architectures):
+        kind = "language model" if any(a.endswith(LM_HEADS) for a in architectures) else "model"
+        raise PreftuneError(f"a {kind} ({', '.join(architectures)}) without a trained reward head: as a "
+                            "reward model it would score with a random head", path=str(path), field=field,
+                            hint=f"train one with `preftune train reward examples/reward.yaml --model {path} "
+                                 "--data PREFS.jsonl`, or pass a reward model (its final/ directory)")
 
 
 class RewardModel:
@@ -91,19 +148,23 @@ class RewardModel:
                 raise PreftuneError("give a reward model path (or a loaded model and tokenizer)", field=field)
             from preftune.models.load import default_device, load_reward_model, load_tokenizer
 
-            tokenizer = load_tokenizer(path)
+            tokenizer = load_tokenizer(path)  # a bad path or hub id fails here, in the loader's words
+            check_reward_checkpoint(path, field=field)  # before the weights load
             model = load_reward_model(path, tokenizer=tokenizer)
             model.to(default_device(device))
         if tokenizer is None:
             raise PreftuneError("a reward model needs its tokenizer", field=field)
         self.model, self.tokenizer, self.batch_size, self.path = model, tokenizer, batch_size, path
+        self.field = field
 
     def scores(self, prompts: Sequence[Any], completions: Sequence[str]) -> list[float]:
         from preftune.models.load import score_texts
 
         values = score_texts(self.model, self.tokenizer, list(prompts), list(completions),
                              batch_size=self.batch_size)
-        return [float(v) for v in values]
+        return check_finite([float(v) for v in values], prompts, completions,
+                            source=f"the reward model {self.path or type(self.model).__name__}", field=self.field,
+                            hint="the model's weights or its dtype give NaN (try float32, or retrain)")
 
 
 def load_scorer(spec: str | Callable[..., float], *, device: str | None = None, batch_size: int = 16,

@@ -11,6 +11,7 @@ dtypes or library versions can still change the logits and hence the draws.)
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,14 +38,17 @@ class GenerationSettings:
 
     def check(self) -> None:
         """Raise a PreftuneError naming the first invalid setting."""
-        if self.temperature < 0:
-            raise PreftuneError(f"temperature must be >= 0, got {self.temperature}", field="temperature")
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):  # NaN fails every comparison
+            raise PreftuneError(f"temperature must be a finite number >= 0, got {self.temperature}",
+                                field="temperature", hint="1 samples from the model's distribution; 0 is greedy")
         if not 0 < self.top_p <= 1:
-            raise PreftuneError(f"top_p must be in (0, 1], got {self.top_p}", field="top_p")
+            raise PreftuneError(f"top_p must be in (0, 1], got {self.top_p}", field="top_p",
+                                hint="1 keeps every token; 0.9 keeps the most likely tokens with 90% of the mass")
         if self.top_k < 0:
             raise PreftuneError(f"top_k must be >= 0 (0 = no limit), got {self.top_k}", field="top_k")
         if self.max_new_tokens < 1:
-            raise PreftuneError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}", field="max_new_tokens")
+            raise PreftuneError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}", field="max_new_tokens",
+                                hint="the length limit of each completion, in tokens, such as 64")
         if not 0 <= self.min_new_tokens <= self.max_new_tokens:
             raise PreftuneError(f"min_new_tokens must be in [0, max_new_tokens = {self.max_new_tokens}], "
                                 f"got {self.min_new_tokens}", field="min_new_tokens")

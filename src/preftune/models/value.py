@@ -46,12 +46,14 @@ def load_value_network(source: str, *, config: Any, tokenizer: Any, log: Any) ->
     from preftune.errors import PreftuneError
     from preftune.models.load import load_reward_model, load_tokenizer
 
-    if source != config.model and load_tokenizer(source).get_vocab() != tokenizer.get_vocab():
+    # the key `source` came from, for errors: value_model, else the reward model, else the policy's start
+    field = next((k for k in ("value_model", "reward", "model") if getattr(config, k, None) == source), "value_model")
+    if source != config.model and load_tokenizer(source, field=field).get_vocab() != tokenizer.get_vocab():
         raise PreftuneError(f"the value network's start {source!r} has another tokenizer than the policy",
                             field="value_model", hint="set value_model to the policy's model (or null with a "
                             "reward model that shares the policy's tokenizer)")
     value = load_reward_model(source, dtype=config.dtype, lora=config.lora,
                               gradient_checkpointing=config.gradient_checkpointing,
-                              trust_remote_code=config.trust_remote_code, tokenizer=tokenizer)
+                              trust_remote_code=config.trust_remote_code, tokenizer=tokenizer, field=field)
     log(f"value network started from {source}")
     return value

@@ -13,11 +13,11 @@ from pathlib import Path
 from typing import Any
 
 from preftune.errors import PreftuneError
-from preftune.train import dpo, ppo, raft, reward, rloo, sft
+from preftune.train import dpo, ppo, raft, reward_mixture, rloo, sft
 from preftune.train.base import MethodSpec, TrainConfig
 
 METHODS: dict[str, MethodSpec] = {spec.name: spec for spec in (
-    sft.SPEC, reward.SPEC, dpo.SPEC, ppo.SPEC, rloo.SPEC, raft.SPEC,
+    sft.SPEC, reward_mixture.SPEC, dpo.SPEC, ppo.SPEC, rloo.SPEC, raft.SPEC,
 )}
 
 __all__ = ["METHODS", "MethodSpec", "method_spec", "resolve_config", "run"]
@@ -45,6 +45,8 @@ def resolve_config(command: str, config: TrainConfig | dict[str, Any] | str | Pa
         config = from_mapping(cls, {**to_dict(config), **overrides})
     if not isinstance(config, cls):
         raise PreftuneError(f"`train {command}` needs a {cls.__name__}, got {type(config).__name__}")
+    if not hasattr(config, "_sources"):  # an instance built directly: checked as the engine checks one
+        config.validate()
     return config
 
 
@@ -60,4 +62,8 @@ def run(command: str, config: TrainConfig | dict[str, Any] | str | Path, *, meth
     from preftune.train.loop import train
 
     config = resolve_config(command, config, **overrides)
-    return train(method if method is not None else method_spec(command).method(), config)
+    config.preflight()  # the model directories and data files it names exist: said before anything loads
+    if method is None:
+        spec = method_spec(command)
+        method = (spec.method_for(config) if spec.method_for else spec.method)()  # reward: the mixture when K > 1
+    return train(method, config)

@@ -19,10 +19,15 @@ computed once before training and cached on disk (``preftune.train.refcache``); 
 Metrics (sums per pair; the loop averages): ``rewards/chosen``, ``rewards/rejected`` (the loss's implicit
 rewards, e.g. ``beta * (logp - logp_ref)`` for dpo), ``rewards/margins``, ``rewards/accuracies`` (share of
 pairs with chosen reward > rejected reward), ``logps/chosen``, ``logps/rejected``.
+
+With ``group_robust: true`` (group-robust DPO, Ramesh et al. 2024; ``preftune.train.group_robust``) each
+pair's loss is weighted by its group's alpha times N / N_g, alpha moves once per step towards the groups
+with the higher loss, and ``group/alpha/<g>``, ``group/loss/<g>``, ``group/accuracy/<g>`` are logged.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -31,6 +36,8 @@ from preftune.train.base import MethodSpec, OfflineMethod, PairConfig, RunContex
 
 if TYPE_CHECKING:
     import torch
+
+    from preftune.train.group_robust import GroupRobust
 
 
 # The flat loss keys; null means "the loss function's own default" (e.g. beta 0.1 for dpo, 2.0 for simpo).
@@ -43,14 +50,20 @@ class DPOConfig(PairConfig):
 
     command: ClassVar[str] = "dpo"
 
-    learning_rate: float = opt(5e-7, "peak learning rate of AdamW")
+    learning_rate: float = opt(5e-7, "peak learning rate of AdamW", gt=0)
     output_dir: str = opt("runs/dpo", "run directory: config.yaml, metrics.jsonl, checkpoints/, final/")
     ref_model: str | None = opt(None, "reference pi_ref; null = the starting model (with lora: adapters off)")
     loss: str = opt("dpo", "preference loss: dpo, ipo, cdpo, hinge, robust, orpo, simpo, unlikelihood")
-    beta: float | None = opt(None, "loss temperature beta; null = the loss's default (0.1 for dpo)")
-    label_smoothing: float | None = opt(None, "label-flip rate eps of cdpo / robust; null = their default")
-    gamma: float | None = opt(None, "SimPO target margin gamma; null = its default (0.5)")
-    alpha: float | None = opt(None, "unlikelihood weight alpha; null = its default (1.0)")
+    beta: float | None = opt(None, "loss temperature beta; null = the loss's default (0.1 for dpo)", gt=0,
+                             why="beta scales the preference term of every loss (ipo's target is 1/(2 beta)); "
+                                 "0 removes it and a negative beta reverses it")
+    label_smoothing: float | None = opt(None, "label-flip rate eps of cdpo / robust; null = their default",
+                                        ge=0, lt=0.5, why="eps is the probability that a label is wrong; at 0.5 "
+                                        "the labels carry no preference and above it they reverse it")
+    gamma: float | None = opt(None, "SimPO target margin gamma; null = its default (0.5)", ge=0,
+                              why="gamma is the reward margin the chosen response should win by")
+    alpha: float | None = opt(None, "unlikelihood weight alpha; null = its default (1.0)", ge=0,
+                              why="a negative weight would pull the rejected response up")
     loss_kwargs: dict[str, Any] = opt({}, "any other keyword hyperparameters of the loss function")
     precompute_ref_logps: bool = opt(True, "compute reference log-probs once before training (cached on "
                                      "disk), then free the reference; false = a reference forward every step")
@@ -58,10 +71,26 @@ class DPOConfig(PairConfig):
                                     "null = ~/.cache/preftune/ref_logps")
     fused_lm_head: bool = opt(False, "apply the lm_head chunk by chunk inside the log-prob, never holding "
                               "the [batch, time, vocab] logits: less memory at large vocabularies")
+    group_robust: bool = opt(False, "group-robust DPO (Ramesh et al. 2024): minimise the worst group's loss by "
+                             "weighting each group's pairs with a learned weight alpha_g (needs `group` on every "
+                             "training pair)")
+    group_step_size: float = opt(0.01, "step size eta of the group weights: alpha_g <- alpha_g exp(eta L_g), "
+                                 "renormalised, once per step; 0 = the weights stay uniform (groups count equally)",
+                                 ge=0, why="a negative step would move weight away from the worst-off group")
+
+    model_keys: ClassVar[tuple[str, ...]] = ("model", "ref_model")
 
     def validate(self) -> None:
         super().validate()
         self.loss_hparams()
+        from preftune.core.losses import LOSSES
+
+        if self.group_robust and not LOSSES[self.loss].needs_reference:
+            fail(self, "loss", f"group_robust needs a reference-based loss, not {self.loss!r}: group-robust DPO "
+                 "is the worst-group form of the KL-regularised objective that those losses reparametrise through "
+                 "pi_ref (Ramesh et al. 2024); orpo and unlikelihood also carry an NLL term that would "
+                 "steer alpha by likelihood, not by how well each group's preferences are met",
+                 "use loss: dpo (GR-DPO), ipo (GR-IPO), cdpo, hinge or robust, or set group_robust: false")
 
     def loss_hparams(self) -> dict[str, Any]:
         """The keyword hyperparameters for ``preftune.core.losses.preference_loss(self.loss, ...)``.
@@ -80,12 +109,33 @@ class DPOConfig(PairConfig):
             fail(self, "loss_kwargs", f"sets {', '.join(clash)} which is also a top-level key",
                  "set it in one place only")
         hparams.update(self.loss_kwargs)
-        for key in hparams:
+        for key, value in hparams.items():
+            where = f"loss_kwargs.{key}" if key in self.loss_kwargs else key
             if key not in spec.hparams:
-                where = "loss_kwargs" if key in self.loss_kwargs else key
                 fail(self, where, f"loss {self.loss!r} has no hyperparameter {key!r}",
                      f"{self.loss} accepts: {', '.join(spec.hparams) or 'nothing'}")
+            _check_hparam(self, where, key, value, spec.hparams[key])
         return hparams
+
+
+def _check_hparam(config: DPOConfig, where: str, key: str, value: Any, default: Any) -> None:
+    """A loss hyperparameter has the type of the loss function's default and, for the flat keys, their
+    range (so ``loss_kwargs: {beta: 0}`` is refused like ``beta: 0``)."""
+    import dataclasses
+
+    from preftune.config import range_message
+
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            fail(config, where, f"must be true or false (got {value!r})")
+        return
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+        fail(config, where, f"must be a number (got {value!r})")
+    field = {f.name: f for f in dataclasses.fields(config)}.get(key)
+    bounds = field.metadata.get("range") if field is not None else None
+    if bounds is not None and value not in bounds:
+        fail(config, where, f"{range_message(bounds, value, field.metadata.get('why'))} (loss {config.loss})",
+             f"{field.metadata['help']}")
 
 
 class DPOMethod(OfflineMethod):
@@ -97,6 +147,7 @@ class DPOMethod(OfflineMethod):
         self.ref_model: torch.nn.Module | None = None
         self.ref_hits: dict[str, bool] = {}  # split -> whether its reference log-probs came from the cache
         self.fused_lm_head = False  # the fused_lm_head key, once setup has checked the model's head
+        self.group_robust: GroupRobust | None = None  # alpha and its sums, with group_robust: true
 
     # ------------------------------------------------------------------------------------------ setup
     def setup(self, ctx: RunContext) -> None:
@@ -121,6 +172,12 @@ class DPOMethod(OfflineMethod):
         self.fused_lm_head = config.fused_lm_head and fused_lm_head_applies(self.model, ctx.log)
         self.train_items, self.eval_items = load_preference_items(
             config, self.tokenizer, ctx.log, rankings="pairs", pairs=self._given, eval_pairs=self._given_eval)
+        if config.group_robust:
+            from preftune.train.group_robust import GroupRobust
+
+            self.group_robust = GroupRobust.from_items(self.train_items, config, ctx.log)
+            # the method's state (checkpointed) exists only then, so plain DPO checkpoints stay as they were
+            self.state_dict, self.load_state_dict = self.group_robust.state_dict, self.group_robust.load_state_dict
         if not self.needs_reference:
             if config.ref_model:
                 ctx.log(f"loss {config.loss} uses no reference model; ref_model is ignored")
@@ -218,6 +275,10 @@ class DPOMethod(OfflineMethod):
             "rewards/accuracies": (rc > rr).float().sum(),
             "logps/chosen": chosen.detach().sum(), "logps/rejected": rejected.detach().sum(),
         }
+        if self.group_robust is not None and model.training:  # evaluation reports the plain (pooled) loss
+            loss, logs = self.group_robust.loss(out.losses, rc > rr, batch["group"], normaliser=normaliser,
+                                                accelerator=self.accelerator)
+            return StepOutput(loss=loss, metric_sums=metrics, logs=logs)
         return StepOutput(loss=out.losses.sum() / normaliser, metric_sums=metrics)
 
 

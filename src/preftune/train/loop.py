@@ -35,12 +35,21 @@ from typing import Any
 
 import torch
 
-from preftune.config import to_dict, write_config
-from preftune.data.jsonl import append_jsonl, read_records, truncate_jsonl
+from preftune.config import to_dict
+from preftune.data.jsonl import append_jsonl, read_records, sync_file, truncate_jsonl
 from preftune.errors import PreftuneError
 from preftune.train.base import RunContext, StepOutput, TrainConfig, TrainingMethod
-from preftune.train.checkpoint import TrainerState, find_resume, load_checkpoint, save_checkpoint
+from preftune.train.checkpoint import TrainerState, checkpoint_dir, checkpoints_supported, save_checkpoint
 from preftune.train.plan import batch_indices, epoch_order, plan_steps, split_for_process
+from preftune.train.rundir import (
+    check_checkpoints_supported,
+    config_values,
+    finished_already,
+    inspect_run,
+    mark_finished,
+    resume_latest,
+    start_run,
+)
 
 # ------------------------------------------------------------------------------------------------ the loop
 
@@ -59,26 +68,36 @@ def train(method: TrainingMethod, config: TrainConfig) -> Path:
     log = _main_print(accelerator)
     try:
         set_seed(config.seed)
-        if accelerator.is_main_process:
-            write_config(config, out / "config.yaml")
+        # the run directory: a previous run with other settings is refused before anything loads
+        # (preftune.train.rundir); nothing in it is changed until the model and data have loaded
+        run_dir = inspect_run(out, config, num_processes=accelerator.num_processes, log=log)
+        check_checkpoints_supported(accelerator, config, run_dir)
         method.setup(RunContext(config=config, accelerator=accelerator, output_dir=out, log=log))
         state = plan_steps(len(method.train_items), config, accelerator.num_processes,
                            updates_per_batch=getattr(method, "updates_per_batch", 1))
         _describe(method, state, config, log)
+        if finished_already(run_dir, state, log):
+            return out / "final"
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            start_run(run_dir, config, log)
+        accelerator.wait_for_everyone()
         lengths = _item_lengths(method, state, config, log) if config.group_by_length else None
 
         optimizer = _adamw(method.model, config)
         scheduler = _schedule(optimizer, config, state.total_steps)
         model, optimizer = accelerator.prepare(method.model, optimizer)
-        accelerator.register_for_checkpointing(scheduler)
+        resume_latest(run_dir, state, accelerator, model=model, optimizer=optimizer, scheduler=scheduler,
+                      method=method, log=log)
+        metrics = MetricsFile(out / "metrics.jsonl", keep_until=state.step, enabled=accelerator.is_main_process,
+                              log=log)
+        values = config_values(config)
 
-        resume_from = find_resume(out, config.resume)
-        if resume_from is not None:
-            saved = load_checkpoint(accelerator, resume_from, method=method)
-            _check_same_plan(saved, state, resume_from)
-            state.step, state.pending = saved.step, saved.pending
-            log(f"resumed from {resume_from} at step {state.step}")
-        metrics = MetricsFile(out / "metrics.jsonl", keep_until=state.step, enabled=accelerator.is_main_process)
+        def save() -> Path:
+            metrics.sync()  # the metrics up to the checkpoint's step survive with it
+            return save_checkpoint(accelerator, state, out, keep=config.keep_checkpoints, model=model,
+                                   optimizer=optimizer, scheduler=scheduler, config_values=values, method=method)
+
         if trackers:
             accelerator.init_trackers(config.run_name or out.name, config=_scalars(to_dict(config)))
 
@@ -88,6 +107,7 @@ def train(method: TrainingMethod, config: TrainConfig) -> Path:
                                        lengths=lengths, stop=stop)
                 state.step += 1
                 _accumulate(state.pending, step_log)
+                _after_step(method, model, state, metrics, accelerator, log)
                 bar.update(state.step, step_log["loss"])
                 if state.step % config.log_every == 0 or state.step == state.total_steps:
                     record = _finish_log(state, config)
@@ -100,14 +120,22 @@ def train(method: TrainingMethod, config: TrainConfig) -> Path:
                     metrics.write(record)
                     accelerator.log(record, step=state.step)
                     log(_format_eval(record))
-                if config.save_every and state.step % config.save_every == 0:
-                    save_checkpoint(accelerator, state, out, keep=config.keep_checkpoints, method=method)
+                saved = bool(config.save_every) and state.step % config.save_every == 0
+                if saved:
+                    save()
                 if step_log["stop"]:
-                    path = save_checkpoint(accelerator, state, out, keep=config.keep_checkpoints, method=method)
+                    if not checkpoints_supported(accelerator):
+                        log("interrupted; no checkpoint is saved under FSDP / DeepSpeed")
+                        raise KeyboardInterrupt
+                    path = checkpoint_dir(out, state.step) if saved else save()
                     log(f"interrupted: saved {path}; run the same command again to continue")
                     raise KeyboardInterrupt
 
-        return _save_final(method, model, accelerator, config, out, log)
+        final = _save_final(method, model, accelerator, config, out, log)
+        if accelerator.is_main_process:
+            mark_finished(out, state)
+        accelerator.wait_for_everyone()
+        return final
     finally:
         if trackers:
             accelerator.end_training()
@@ -244,15 +272,6 @@ def _schedule(optimizer: torch.optim.Optimizer, config: TrainConfig, total_steps
     return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
 
 
-def _check_same_plan(saved: TrainerState, now: TrainerState, path: Path) -> None:
-    for key in ("num_items", "global_batch", "group_by_length"):
-        if getattr(saved, key) != getattr(now, key):
-            raise PreftuneError(
-                f"cannot resume: the checkpoint was trained with {key} = {getattr(saved, key)}, "
-                f"this run has {getattr(now, key)}", path=str(path),
-                hint="use the same data and batch settings, or set resume: never (or a new output_dir)")
-
-
 def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
@@ -263,6 +282,25 @@ def _count_tokens(batch: dict[str, Any]) -> int:
     if masks:
         return int(sum(m.sum().item() for m in masks))
     return int(sum(v.numel() for k, v in batch.items() if k.endswith("input_ids") and isinstance(v, torch.Tensor)))
+
+
+def _after_step(method: TrainingMethod, model: Any, state: TrainerState, metrics: MetricsFile, accelerator: Any,
+                log: Any) -> None:
+    """The method's work between steps, when it has any (``after_step``: the reward mixture's E-step): its
+    records become metrics.jsonl lines at this step; when it says training is done (EM has converged), the
+    step counter moves to the plan's end, so the last log line, the final evaluation and finished.json
+    follow as for a run of the planned length."""
+    hook = getattr(method, "after_step", None)
+    if hook is None:
+        return
+    records, done = hook(model, state.step)
+    for record in records:
+        record = {"step": state.step, **record}
+        metrics.write(record)
+        accelerator.log(record, step=state.step)
+    if done and state.step < state.total_steps:
+        log(f"{done}: the remaining {state.total_steps - state.step} planned steps are skipped")
+        state.step = state.total_steps
 
 
 def _accumulate(pending: dict[str, Any], step_log: dict[str, Any]) -> None:
@@ -292,17 +330,23 @@ def _epoch(state: TrainerState) -> float:
 
 
 class MetricsFile:
-    """``metrics.jsonl``: one JSON object per line, flushed as written. On resume, lines after the
-    checkpoint's step (written by the interrupted run after its last checkpoint) are dropped."""
+    """``metrics.jsonl``: one JSON object per line, flushed as written and fsynced with every checkpoint.
+    On resume, lines after the checkpoint's step (written by the interrupted run after its last
+    checkpoint) are dropped, and so is a torn last line (a write cut off by a crash), with a message."""
 
-    def __init__(self, path: Path, *, keep_until: int, enabled: bool) -> None:
+    def __init__(self, path: Path, *, keep_until: int, enabled: bool, log: Any = None) -> None:
         self.path, self.enabled = path, enabled
         if enabled:
-            truncate_jsonl(path, lambda record: record.get("step", 0) <= keep_until)
+            truncate_jsonl(path, lambda record: record.get("step", 0) <= keep_until,
+                           on_torn_tail=log)
 
     def write(self, record: dict[str, Any]) -> None:
         if self.enabled:
             append_jsonl(self.path, [record])
+
+    def sync(self) -> None:
+        if self.enabled:
+            sync_file(self.path)
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:

@@ -4,6 +4,8 @@ Each rollout, on each process (``OnlineMethod.make_rollout``)::
 
     (1) generate    K completions per prompt with the current policy       rollout.sample_responses
     (2) score       each (prompt, completion): reward model or function      models.rewards.load_scorer
+                    (several rewards: standardised, then mean, min, maxmin    train.multireward.RewardSet
+                    or weighted; maxmin: the lowest group's, MaxMin-RLHF)
     (3) KL-shape    r(x, y) - beta * KL_t per token against the frozen        core.rl.kl_penalty, shaped_rewards
                     reference (k1 or k3; beta fixed or adaptive)
     (4) advantages  the method's own: GAE with a value network (PPO), leave-one-out (RLOO), best of K
@@ -23,8 +25,8 @@ Schedule. The loop's step ``s`` is step ``within = s mod (E*M)`` of rollout ``s 
 ``within mod M`` of a permutation seeded by (seed, rollout, pass). A rollout's prompts are M consecutive
 global batches of the loop's seeded epoch order, so ``epochs`` counts passes over the prompts.
 
-Resume. The current rollout (its items) and the KL coefficient are the method's ``state_dict``, saved in
-every checkpoint; generation is seeded per (seed, rollout, row), so a resumed run makes the same numbers.
+Resume. The current rollout (its items), the KL coefficient and the rewards' state (their standardisation
+statistics, MaxMin's counts) are the method's ``state_dict``, saved in every checkpoint; generation is seeded per (seed, rollout, row), so a resumed run makes the same numbers.
 """
 
 from __future__ import annotations
@@ -59,7 +61,8 @@ class OnlineMethod:
     """The online methods' shared steps, specialised by the class's ``recipe`` (see the module docstring).
 
     ``prompts`` (strings or message lists) replaces reading ``config.data``; ``reward_fn`` (a callable
-    ``fn(prompt_text, completion) -> float``) replaces ``config.reward``.
+    ``fn(prompt_text, completion) -> float``) replaces ``config.reward``, or, a mapping name -> callable
+    (or reward spec), replaces ``config.rewards`` and ``config.reward_names``.
     """
 
     recipe: ClassVar[OnlineRecipe]
@@ -81,9 +84,10 @@ class OnlineMethod:
         from preftune.data.prompts import load_prompts
         from preftune.models import load_policy, load_tokenizer
         from preftune.models.load import build_reference
-        from preftune.models.rewards import is_function_spec, load_scorer
+        from preftune.models.rewards import is_function_spec
         from preftune.models.sampling import GenerationSettings
         from preftune.models.value import PolicyWithValue, load_value_network
+        from preftune.train.multireward import RewardSet
         from preftune.train.ptx import PtxRows
         from preftune.train.rollout import SamplesFile, encode_prompts
 
@@ -92,9 +96,10 @@ class OnlineMethod:
         if self._prompts is None and not c.data:
             raise PreftuneError("is required: a prompts file (one per line, or JSONL with prompt / messages)",
                                 field="data")
-        if self._reward_fn is None and not c.reward:
+        if self._reward_fn is None and not c.reward and not c.rewards:
             raise PreftuneError("is required: a reward-model directory or hub id, or module:function",
-                                field="reward", hint="e.g. reward: runs/reward/final or reward: my_rewards.py:score")
+                                field="reward", hint="e.g. reward: runs/reward/final or reward: my_rewards.py:score "
+                                "(or several: rewards: [a.py:score, runs/rm_b/final])")
         if c.ptx_coef > 0 and ctx.accelerator.num_processes > 1:
             raise PreftuneError("PPO-ptx runs a second forward pass per micro-batch, which DDP does not allow",
                                 field="ptx_coef", hint="train with one process, or set ptx_coef: 0")
@@ -104,8 +109,9 @@ class OnlineMethod:
         reference = build_reference(policy, ref_model=c.ref_model, lora=c.lora, dtype=c.dtype, tokenizer=self.tokenizer,
                                     trust_remote_code=c.trust_remote_code)
         self.reference = reference.to(ctx.accelerator.device) if reference is not None else None
-        self.score = load_scorer(self._reward_fn if self._reward_fn is not None else c.reward,
-                                 device=str(ctx.accelerator.device), batch_size=self._generation_batch())
+        self.rewards = RewardSet.load(c, self._reward_fn, device=str(ctx.accelerator.device),
+                                      batch_size=self._generation_batch())
+        self.output_dir, self.log = ctx.output_dir, ctx.log
         value = None
         if self.recipe.value_network:  # from value_model, else the reward model, else the policy's start
             value = load_value_network(c.value_model or (c.reward if c.reward and self._reward_fn is None and not
@@ -125,7 +131,8 @@ class OnlineMethod:
                                            max_new_tokens=c.max_new_tokens, seed=c.seed, template=c.template)
         self.updates_per_batch = c.update_epochs
         self.samples = SamplesFile(ctx.output_dir / "samples.jsonl", enabled=ctx.accelerator.is_main_process,
-                                   every=c.sample_every, steps_per_rollout=c.update_epochs * c.num_mini_batches)
+                                   every=c.sample_every, steps_per_rollout=c.update_epochs * c.num_mini_batches,
+                                   log=ctx.log)
 
     def _generation_batch(self) -> int:
         c = self.config
@@ -178,6 +185,10 @@ class OnlineMethod:
         )
 
         c, k, acc, tok = self.config, self.config.num_samples, self.accelerator, self.tokenizer
+
+        def reduce(sums: torch.Tensor) -> torch.Tensor:  # a float64 sum over every process
+            return acc.reduce(sums.to(acc.device), reduction="sum")
+
         prompt_index = [i for b in range(rollout * c.num_mini_batches, (rollout + 1) * c.num_mini_batches)
                         for i in self._share(len(self.train_items), b) for _ in range(k)]
         queries = [self.train_items[i] for i in prompt_index]
@@ -191,25 +202,31 @@ class OnlineMethod:
             logps, values, ref_logps = policy_and_reference_logps(
                 policy, self.reference, queries, responses, value=value, pad_token_id=tok.pad_token_id,
                 temperature=c.temperature, batch_size=self._generation_batch())
-        # (2) score every (prompt, completion)
-        texts = tok.batch_decode(responses, skip_special_tokens=True)
-        ended = torch.tensor([len(r) > 0 and int(r[-1]) == tok.eos_token_id for r in responses])
-        scores = torch.tensor(self.score([self.prompts[i] for i in prompt_index], texts), dtype=torch.float32)
-        if c.missing_eos_penalty is not None:
-            scores = scores - c.missing_eos_penalty * (~ended).float()
-        # (3) KL-shaped rewards against the reference: r(x, y) at the last token, -beta * KL_t on every token
+        # the per-token KL against the reference (shapes the rewards in (3); maxmin's objectives use it in (2))
         mask = response_lengths_mask([len(r) for r in responses])
         old, ref = pad_rows(logps), pad_rows(ref_logps)
         kl = kl_penalty(old, ref, estimator=c.kl_estimator) * mask
         beta = self.kl_controller.value
+        # (2) score every (prompt, completion); several rewards become one (standardised on the starting
+        #     policy's samples, drawn before the first update; maxmin: the group lowest on this rollout)
+        texts = tok.batch_decode(responses, skip_special_tokens=True)
+        ended = torch.tensor([len(r) > 0 and int(r[-1]) == tok.eos_token_id for r in responses])
+        if self.rewards.needs_statistics:
+            self.rewards.fit_statistics(policy=policy, tokenizer=tok, queries=self.train_items, prompts=self.prompts,
+                                        settings=self.settings, accelerator=acc, batch_size=self._generation_batch(),
+                                        output_dir=self.output_dir, log=self.log)
+        scores, reward_logs, per_reward = self.rewards.score([self.prompts[i] for i in prompt_index], texts,
+                                                             seq_kl=kl.sum(-1), kl_coef=beta, reduce=reduce)
+        if c.missing_eos_penalty is not None:
+            scores = scores - c.missing_eos_penalty * (~ended).float()
+        # (3) KL-shaped rewards against the reference: r(x, y) at the last token, -beta * KL_t on every token
         ro = Rollout(prompt_index, queries, responses, texts, mask, old, ref,
                      pad_rows(values) if values is not None else None, scores, kl,
-                     shaped_rewards(scores, kl, mask, kl_coef=beta), ended, k)
+                     shaped_rewards(scores, kl, mask, kl_coef=beta), ended, k, per_reward)
         # (4) advantages, the method's own: each completion becomes a training item
         items, extra = self.recipe.advantages(ro, c)
         # (6) log: global rollout statistics; the adaptive controller moves beta for the next rollout
-        logs = {**rollout_statistics(ro, beta, lambda sums: acc.reduce(sums.to(acc.device), reduction="sum")),
-                **extra}
+        logs = {**rollout_statistics(ro, beta, reduce), **reward_logs, **extra}
         self.kl_controller.update(logs["objective/kl"], n_steps=int(logs.pop("_sequences")))
         if self.samples.due(rollout, step):
             self.samples.write(step, ro, self.prompts, limit=c.sample_rows)
@@ -244,12 +261,15 @@ class OnlineMethod:
 
     # ------------------------------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
-        """What the next steps depend on besides the model and optimizer: the current rollout and beta."""
-        return {"buffer": self.buffer, "kl_coef": self.kl_controller.value}
+        """What the next steps depend on besides the model and optimizer: the current rollout, beta and the
+        rewards' state (standardisation statistics, MaxMin's counts)."""
+        return {"buffer": self.buffer, "kl_coef": self.kl_controller.value, "rewards": self.rewards.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.buffer = state["buffer"]
         self.kl_controller.value = float(state["kl_coef"])
+        if "rewards" in state:
+            self.rewards.load_state_dict(state["rewards"])
 
     def save(self, model: torch.nn.Module, path: Path) -> None:
         """The policy only (``save_pretrained`` + tokenizer): loads with AutoModelForCausalLM."""

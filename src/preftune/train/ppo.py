@@ -28,7 +28,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from preftune.config import opt, require
+from preftune.config import opt
 from preftune.train.base import MethodSpec, OnlineConfig
 from preftune.train.online import OnlineMethod, OnlineRecipe
 
@@ -45,24 +45,19 @@ class PPOConfig(OnlineConfig):
     command: ClassVar[str] = "ppo"
 
     output_dir: str = opt("runs/ppo", "run directory: config.yaml, metrics.jsonl, samples.jsonl, final/")
-    update_epochs: int = opt(4, "passes over each rollout (PPO's K epochs)")
+    update_epochs: int = opt(4, "passes over each rollout (PPO's K epochs)", ge=1)
     whiten_advantages: bool = opt(True, "normalise the rollout's advantages to mean 0, variance 1")
     value_model: str | None = opt(None, "start of the value network: null = the reward model when `reward` "
                                   "is one, else the policy's starting model (a new scalar head)")
-    clip_range: float = opt(0.2, "PPO ratio clip epsilon (Schulman et al. 2017, Eq. 7)")
-    value_clip_range: float = opt(0.2, "clip of the value change around the rollout's values")
-    vf_coef: float = opt(0.1, "weight of the value loss next to the policy loss")
-    gamma: float = opt(1.0, "discount of the per-token rewards")
-    lam: float = opt(0.95, "GAE lambda (Schulman et al. 2016): 0 = one-step TD, 1 = Monte Carlo")
+    clip_range: float = opt(0.2, "PPO ratio clip epsilon (Schulman et al. 2017, Eq. 7)", gt=0)
+    value_clip_range: float = opt(0.2, "clip of the value change around the rollout's values", gt=0)
+    vf_coef: float = opt(0.1, "weight of the value loss next to the policy loss", gt=0,
+                         why="with 0 the value network is never trained and GAE runs on a random critic")
+    gamma: float = opt(1.0, "discount of the per-token rewards", ge=0, le=1)
+    lam: float = opt(0.95, "GAE lambda (Schulman et al. 2016): 0 = one-step TD, 1 = Monte Carlo", ge=0, le=1)
     whiten_rewards: bool = opt(False, "scale the per-token rewards to unit variance before GAE")
 
-    def validate(self) -> None:
-        super().validate()
-        require(self, "clip_range", self.clip_range > 0, "must be > 0")
-        require(self, "value_clip_range", self.value_clip_range > 0, "must be > 0")
-        require(self, "vf_coef", self.vf_coef >= 0, "must be >= 0")
-        require(self, "gamma", 0.0 <= self.gamma <= 1.0, "must be in [0, 1]")
-        require(self, "lam", 0.0 <= self.lam <= 1.0, "must be in [0, 1]")
+    model_keys: ClassVar[tuple[str, ...]] = (*OnlineConfig.model_keys, "value_model")
 
 
 # (4) advantages: GAE on the KL-shaped per-token rewards

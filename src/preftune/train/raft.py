@@ -38,17 +38,17 @@ class RAFTConfig(OnlineConfig):
     command: ClassVar[str] = "raft"
 
     output_dir: str = opt("runs/raft", "run directory: config.yaml, metrics.jsonl, samples.jsonl, final/")
-    num_samples: int = opt(4, "completions sampled per prompt in each rollout (K)")
-    kl_coef: float = opt(0.0, "beta: rank by score - beta * sequence KL; 0 = by the score alone")
+    num_samples: int = opt(4, "completions sampled per prompt in each rollout (K)", ge=1)
+    kl_coef: float = opt(0.0, "beta: rank by score - beta * sequence KL; 0 = by the score alone", ge=0,
+                         why="a negative beta would rank completions higher the further they move from the reference")
     keep: str = opt("best_of_k", "best_of_k = the best sample of each prompt; top_fraction = the best "
                     "top_fraction of the whole rollout", choices=("best_of_k", "top_fraction"))
-    top_fraction: float = opt(0.25, "with keep: top_fraction, the share of the rollout kept")
+    top_fraction: float = opt(0.25, "with keep: top_fraction, the share of the rollout kept", gt=0, le=1)
 
     def validate(self) -> None:
         super().validate()
         require(self, "num_samples", self.keep == "top_fraction" or self.num_samples >= 2,
                  "must be >= 2 to keep the best of K")
-        require(self, "top_fraction", 0.0 < self.top_fraction <= 1.0, "must be in (0, 1]")
         rows = self.batch_size * self.grad_accum * self.num_mini_batches * self.num_samples
         require(self, "top_fraction", self.keep != "top_fraction"
                  or round(self.top_fraction * rows) >= self.grad_accum * self.num_mini_batches,

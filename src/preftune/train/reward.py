@@ -19,6 +19,9 @@ The unit is the item (pair or ranking). Metrics (sums per item; the loop average
 of the item's ordered pairs scored in the right order), ``margin`` (mean r_i - r_j over those pairs),
 ``rewards/chosen`` (best response), ``rewards/rejected`` (worst), ``rewards/mean`` (mean over the item's
 responses); ``rewards/std`` (over the responses of the step's last micro-batch) is logged as is.
+
+With ``mixtures: K`` (K > 1) the same loss trains K reward models fitted by EM over the annotators
+(``preftune.train.reward_mixture``; the registry's entry for ``train reward`` dispatches on ``mixtures``).
 """
 
 from __future__ import annotations
@@ -27,7 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from preftune.config import opt
+from preftune.config import opt, require
+from preftune.errors import PreftuneError
 from preftune.train.base import MethodSpec, OfflineMethod, PairConfig, RunContext, StepOutput
 
 if TYPE_CHECKING:
@@ -40,13 +44,38 @@ class RewardConfig(PairConfig):
 
     command: ClassVar[str] = "reward"
 
-    learning_rate: float = opt(1e-5, "peak learning rate of AdamW")
+    learning_rate: float = opt(1e-5, "peak learning rate of AdamW", gt=0)
     output_dir: str = opt("runs/reward", "run directory: config.yaml, metrics.jsonl, checkpoints/, final/")
     margin: bool = opt(False, "use the pair's `margin` field in -log sigmoid(r_w - r_l - m) (Llama 2)")
     rankings: str = opt("keep", "K-way rankings: keep = one item, all K-choose-2 pairs in one forward "
                         "(InstructGPT); pairs = split into separate pairs", choices=("keep", "pairs"))
     center_rewards_coefficient: float = opt(0.0, "weight of the (r_w + r_l)^2 penalty that centres rewards "
-                                            "(Eisenstein et al. 2023); 0 = off")
+                                            "(Eisenstein et al. 2023); 0 = off", ge=0,
+                                            why="a negative weight would push the rewards away from 0")
+    # a mixture of K reward models fitted by EM over the annotators (train/reward_mixture.py)
+    mixtures: int = opt(1, "K reward models fitted by EM, annotators as the unit (MaxMin-RLHF, Chakraborty et "
+                        "al. 2024, Alg. 2): final/mixture-k/ each; 1 = one reward model", ge=1)
+    em_init: str = opt("random", "EM's first assignment of annotators: random = seeded, every mixture "
+                       "non-empty; groups = by the data's `group`", choices=("random", "groups"))
+    em_restarts: int = opt(3, "EM runs from different random starts, trained side by side; the one with the "
+                           "highest final log-likelihood is kept (em_init: groups runs one)", ge=1)
+    em_iterations: int = opt(10, "EM iterations at most (M-step, then E-step); EM stops earlier once no "
+                             "annotator changes mixture", ge=1)
+    em_epochs: int = opt(1, "passes over the training pairs per M-step (each mixture trains on its "
+                         "annotators' pairs)", ge=1)
+
+    def validate(self) -> None:
+        super().validate()
+        if self.mixtures == 1:
+            for key, default in _EM_DEFAULTS.items():
+                require(self, key, getattr(self, key) == default, "is used only with mixtures > 1")
+            return
+        length = "the run's length is em_iterations x em_epochs passes over the pairs (EM may stop earlier)"
+        require(self, "max_steps", self.max_steps is None, f"cannot be set with mixtures > 1: {length}")
+        require(self, "epochs", self.epochs == 1.0, f"cannot be changed with mixtures > 1: {length}")
+        for key in ("eval_data", "eval_fraction", "group_by_length", "merge_lora"):
+            require(self, key, not getattr(self, key), "is not supported with mixtures > 1 (see docs/diverse.md): "
+                    "EM's log-likelihood per iteration is in metrics.jsonl, and each final/mixture-k is merged")
 
 
 def item_rewards(scores: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -117,6 +146,10 @@ class RewardMethod(OfflineMethod):
 
         config: RewardConfig = ctx.config
         self.config = config
+        if config.mixtures > 1 and type(self) is RewardMethod:
+            raise PreftuneError("mixtures > 1 is trained by RewardMixtureMethod, not RewardMethod", field="mixtures",
+                                hint="pass method=RewardMixtureMethod(pairs=...) (preftune.train.reward_mixture), "
+                                "or no method: preftune.train.run picks it")
         self.tokenizer = load_tokenizer(config.model, trust_remote_code=config.trust_remote_code)
         self.model = load_reward_model(config.model, dtype=config.dtype, lora=config.lora,
                                        gradient_checkpointing=config.gradient_checkpointing,
@@ -164,5 +197,10 @@ def _ties(item: Any) -> int:
     return sum(1 for i in range(len(scores)) for j in range(i + 1, len(scores)) if scores[i] == scores[j])
 
 
+_EM_DEFAULTS = {"em_init": "random", "em_restarts": 3, "em_iterations": 10, "em_epochs": 1}
+
+
 SPEC = MethodSpec("reward", RewardConfig, RewardMethod,
-                  "Train a scalar reward model r(x, y) on preference pairs (Bradley-Terry loss).")
+                  "Train a scalar reward model r(x, y) on preference pairs (Bradley-Terry loss); with "
+                  "mixtures: K, K reward models by EM over the annotators.")
+# the registry takes reward_mixture.SPEC: this entry, running RewardMixtureMethod when mixtures > 1

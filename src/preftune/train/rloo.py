@@ -39,16 +39,15 @@ class RLOOConfig(OnlineConfig):
     command: ClassVar[str] = "rloo"
 
     output_dir: str = opt("runs/rloo", "run directory: config.yaml, metrics.jsonl, samples.jsonl, final/")
-    num_samples: int = opt(4, "completions sampled per prompt in each rollout (K)")
+    num_samples: int = opt(4, "completions sampled per prompt in each rollout (K)", ge=1)
     baseline: str = opt("leave_one_out", "leave_one_out = mean of the other K - 1 samples (RLOO); mean = the "
                         "rollout's mean (plain REINFORCE); none", choices=("leave_one_out", "mean", "none"))
-    clip_range: float = opt(0.2, "sequence ratio clip when a rollout is used for more than one step")
+    clip_range: float = opt(0.2, "sequence ratio clip when a rollout is used for more than one step", gt=0)
 
     def validate(self) -> None:
         super().validate()
         require(self, "num_samples", not (self.baseline == "leave_one_out" and self.num_samples < 2),
                  "must be >= 2 for the leave-one-out baseline (or set baseline: mean)")
-        require(self, "clip_range", self.clip_range > 0, "must be > 0")
 
 
 # (4) advantages: sequence rewards minus the baseline of the other samples of the prompt

@@ -54,11 +54,12 @@ class Rollout:
     logps: torch.Tensor             # [N, R] log pi_old(y_t), the policy that sampled
     ref_logps: torch.Tensor         # [N, R] log pi_ref(y_t)
     values: torch.Tensor | None     # [N, R] V(s_t) of the value network (PPO)
-    scores: torch.Tensor            # [N] r(x, y) (minus missing_eos_penalty)
+    scores: torch.Tensor            # [N] r(x, y), several rewards' aggregate (minus missing_eos_penalty)
     kl: torch.Tensor                # [N, R] per-token KL estimate
     rewards: torch.Tensor           # [N, R] KL-shaped rewards (rl.shaped_rewards)
     ended: torch.Tensor             # [N] bool: stopped with EOS
     num_samples: int                # K
+    reward_scores: dict[str, torch.Tensor] | None = None  # [N] raw score of each of several rewards, by name
 
     def items(self, rows: list[int] | None = None, **fields: torch.Tensor) -> list[dict[str, Any]]:
         """Training items of ``rows`` (all by default): query, response and each field, [N, R] tensors
@@ -76,10 +77,12 @@ class Rollout:
 
 class SamplesFile:
     """``OUTPUT_DIR/samples.jsonl``: rows of rollouts (step, prompt, completion, score, reward, kl, ...).
-    On resume, rows written after the checkpoint's step are dropped (they are written again)."""
+    On resume, rows written after the checkpoint's step are dropped (they are written again), and so is a
+    torn last line (a write cut off by a crash; said through ``log``)."""
 
-    def __init__(self, path: Path, *, enabled: bool, every: int = 0, steps_per_rollout: int = 1) -> None:
-        self.path, self.enabled, self.started = path, enabled, False
+    def __init__(self, path: Path, *, enabled: bool, every: int = 0, steps_per_rollout: int = 1,
+                 log: Any = None) -> None:
+        self.path, self.enabled, self.started, self.log = path, enabled, False, log
         self.every, self.steps_per_rollout = every, steps_per_rollout
 
     def due(self, rollout: int, step: int) -> bool:
@@ -89,7 +92,7 @@ class SamplesFile:
         return bool(every) and (rollout == 0 or step // every != (step - self.steps_per_rollout) // every)
 
     def start(self, *, keep_before: int) -> None:
-        truncate_jsonl(self.path, lambda record: record["step"] < keep_before)
+        truncate_jsonl(self.path, lambda record: record["step"] < keep_before, on_torn_tail=self.log)
         self.started = True
 
     def write(self, step: int, ro: Rollout, prompts: list[Any], *, limit: int) -> None:
@@ -99,7 +102,9 @@ class SamplesFile:
         append_jsonl(self.path, [
             {"step": step, "prompt": prompts[ro.prompt_index[i]], "sample": i % ro.num_samples,
              "completion": ro.texts[i], "score": float(ro.scores[i]), "kl": float(seq_kl[i]),
-             "rlhf_reward": float(reward[i]), "length": int(ro.mask[i].sum()), "eos": bool(ro.ended[i])}
+             "rlhf_reward": float(reward[i]), "length": int(ro.mask[i].sum()), "eos": bool(ro.ended[i]),
+             **({"reward_scores": {name: float(v[i]) for name, v in ro.reward_scores.items()}}
+                if ro.reward_scores else {})}
             for i in range(min(limit, len(ro.texts)))])
 
 
@@ -129,7 +134,8 @@ def encode_prompts(tokenizer: Any, prompts: Sequence[Any], *, template: str,
 
 def rollout_seed(seed: int, rollout: int, row: int, *, stream: int = 0) -> int:
     """A 63-bit seed for one row of one rollout (``preftune.models.sampling.row_seed``); ``stream``
-    separates independent uses (0: sampling, 1: the mini-batch order of a pass)."""
+    separates independent uses (0: sampling, 1: the mini-batch order of a pass, 2 and 3: the starting
+    policy's samples that standardise several rewards, and their prompts; ``train.multireward``)."""
     from preftune.models.sampling import row_seed
 
     return row_seed(seed, stream, rollout, row)

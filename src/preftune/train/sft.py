@@ -33,7 +33,7 @@ class SFTConfig(TrainConfig):
 
     command: ClassVar[str] = "sft"
 
-    learning_rate: float = opt(2e-5, "peak learning rate of AdamW")
+    learning_rate: float = opt(2e-5, "peak learning rate of AdamW", gt=0)
     output_dir: str = opt("runs/sft", "run directory: config.yaml, metrics.jsonl, checkpoints/, final/")
     completion_only_loss: bool = opt(True, "loss on completion / assistant tokens only; false = on all tokens")
     fused_lm_head: bool = opt(False, "apply the lm_head chunk by chunk inside the log-prob, never holding "

@@ -210,12 +210,15 @@ class Demo:
 
     # ------------------------------------------------------------------------------------------ 3. sft
     def stage_sft(self) -> dict[str, Any]:
+        return {"model": str(self.train_sft(self.out / "sft"))}
+
+    def train_sft(self, output: Path) -> Path:
+        """`train sft` from the base model on data/sft.jsonl into ``output``; the final model's path."""
         s = self.settings
-        final = self._train("sft", self.out / "sft", model=self.marker("base")["model"],
-                            data=str(self.out / "data" / "sft.jsonl"), eval_fraction=s.sft_eval_fraction,
-                            learning_rate=s.sft_learning_rate, batch_size=s.sft_batch_size, max_steps=s.sft_steps,
-                            max_length=s.max_length, warmup_steps=_warmup(s.sft_steps, s.warmup_fraction))
-        return {"model": str(final)}
+        return self._train("sft", output, model=self.marker("base")["model"],
+                           data=str(self.out / "data" / "sft.jsonl"), eval_fraction=s.sft_eval_fraction,
+                           learning_rate=s.sft_learning_rate, batch_size=s.sft_batch_size, max_steps=s.sft_steps,
+                           max_length=s.max_length, warmup_steps=_warmup(s.sft_steps, s.warmup_fraction))
 
     # ------------------------------------------------------------------------------------------ 4. preferences
     def stage_preferences(self) -> dict[str, Any]:

@@ -11,6 +11,7 @@ from typing import Any
 
 from preftune.data.jsonl import read_records
 from preftune.experiments.demo.reward import WEIGHTS
+from preftune.experiments.demo.settings import DEFAULT, QUICK
 from preftune.report import Doc
 
 STAGE_TITLES = {
@@ -84,8 +85,9 @@ def write_demo_report(demo: Any) -> list[Path]:
     rows = []
     for m in methods:
         g, r = results[m]["ground_truth"], results[m]["reward_model"]
+        lc = g["length_controlled_win_rate"]  # None: not enough data for the fit (preftune.compare)
         rows.append([m.upper(), f"{g['wins']} / {g['ties']} / {g['losses']}", f"**{g['win_rate']:.2f}** {_ci(g['win_rate_ci'])}",
-                     f"{g['length_controlled_win_rate']:.2f}", f"{r['win_rate']:.2f} {_ci(r['win_rate_ci'])}"])
+                     "not enough data" if lc is None else f"{lc:.2f}", f"{r['win_rate']:.2f} {_ci(r['win_rate_ci'])}"])
     doc.table(["method", "W / T / L vs SFT (ground truth)", "win rate, 95% CI", "length-controlled",
                "win rate by the reward model"], rows)
     rm = data["reward_model"]
@@ -204,10 +206,15 @@ def _base_samples(doc: Doc, demo: Any) -> None:
 
 def _commands(demo: Any) -> str:
     out = demo.out
+    preset = {DEFAULT: "", QUICK: " --quick"}.get(demo.settings)
+    again = (f"preftune demo --output {out}{preset}                 # run again: every finished stage is skipped"
+             if preset is not None else
+             f"# this run's settings are not a preset of `preftune demo`: run again with Demo({str(out)!r}, settings).run()")
+    m = demo.settings.methods[0] if demo.settings.methods else "sft"   # dpo in both presets
     return "\n".join([
-        f"preftune demo --output {out}                 # run again: every finished stage is skipped",
-        f"preftune compare {out}/eval/sft.jsonl {out}/eval/dpo.jsonl --judge function:preftune.experiments.demo.reward:shakespeare_reward --output cmp",
-        f"preftune generate --model {out}/dpo/final --prompts {out}/data/eval_prompts.txt --num 3 --output dpo.jsonl",
+        again,
+        f"preftune compare {out}/eval/sft.jsonl {out}/eval/{m}.jsonl --judge function:preftune.experiments.demo.reward:shakespeare_reward --output cmp",
+        f"preftune generate --model {out}/{m}/final --prompts {out}/data/eval_prompts.txt --num 3 --output {m}.jsonl",
         f"preftune annotate serve --pairs {out}/preferences/pairs.jsonl --db labels.sqlite   # label them yourself",
         f"preftune data inspect {out}/preferences/train.jsonl",
     ])

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
+
+from preftune.errors import PreftuneError
 
 # Bump when a stage's recipe changes in a way the settings do not show, so cached base models are rebuilt.
 RECIPE_VERSION = 1
@@ -18,6 +20,9 @@ RECIPE_VERSION = 1
 # settings of every training stage that the base run reads too.
 BASE_PREFIXES = ("vocab", "hidden", "num_layers", "base_")
 BASE_SHARED = ("log_every", "group_by_length")
+# The settings that shape the SFT model (with the base model and the SFT data, the key of the SFT model the
+# groups scenario caches; the default scenario trains its SFT model in its run directory).
+SFT_SHARED = ("seed", "log_every", "group_by_length", "max_length", "warmup_fraction")
 
 
 @dataclass(frozen=True)
@@ -104,6 +109,10 @@ class DemoSettings:
         """The settings the base model depends on (with the corpus and the seed, its cache key)."""
         return {k: v for k, v in self.to_dict().items() if k.startswith(BASE_PREFIXES) or k in BASE_SHARED}
 
+    def sft_recipe(self) -> dict[str, Any]:
+        """The settings the SFT stage's training run reads (with the base model and the SFT data, its cache key)."""
+        return {k: v for k, v in self.to_dict().items() if k.startswith("sft_") or k in SFT_SHARED}
+
     @property
     def fingerprint(self) -> str:
         text = json.dumps({**self.to_dict(), "recipe": RECIPE_VERSION}, sort_keys=True)
@@ -124,3 +133,58 @@ QUICK = replace(
 
 def preset(quick: bool) -> DemoSettings:
     return QUICK if quick else DEFAULT
+
+
+@dataclass(frozen=True)
+class GroupsSettings(DemoSettings):
+    """``preftune demo --scenario groups``: two groups of annotators with different ground truths
+    (``groups_reward.py``, docs/diverse.md). The corpus, base model and SFT settings are the default
+    scenario's (so both scenarios share the cached base and SFT models); the rest is this scenario's."""
+
+    methods: tuple[str, ...] = ("pooled_rloo", "maxmin_rloo", "pooled_dpo", "grdpo")  # see groups.METHODS
+    # the panel: annotators per group (majority "concise", minority "expansive") and their Bradley-Terry noise
+    group_annotators: tuple[int, ...] = (16, 4)
+    annotator_temperatures: tuple[float, ...] = (0.4, 0.6, 0.8, 1.0)  # cycled within each group
+    panel_seed_offset: int = 7             # the annotators' ids are shuffled with seed + this
+    # the mixture of reward models (`train reward` with `mixtures`, EM over annotators)
+    mixtures: int = 2
+    em_init: str = "random"                # the truth's groups are never shown to EM (reporting only)
+    em_restarts: int = 1                   # random starts (each as costly as the whole EM); the best is kept
+    em_iterations: int = 3                 # at most; EM stops once no annotator changes component
+    em_epochs: int = 1                     # passes over the labels per M-step
+    # MaxMin RLOO (`rewards` = the mixture's reward models) and group-robust DPO
+    maxmin_aggregation: str = "maxmin"     # reward_aggregation of maxmin_rloo
+    grdpo_step_size: float = 0.01          # group-robust DPO's eta (group_step_size)
+
+    @property
+    def fingerprint(self) -> str:
+        from preftune.experiments.demo.groups_reward import RECIPE as REWARDS
+
+        text = json.dumps({**self.to_dict(), "recipe": RECIPE_VERSION, "scenario": "groups", "rewards": REWARDS},
+                          sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def _groups(base: DemoSettings, **changes: Any) -> GroupsSettings:
+    """A GroupsSettings with ``base``'s shared settings (corpus, base model, SFT, ...) and ``changes``."""
+    shared = {f.name: getattr(base, f.name) for f in fields(DemoSettings) if f.name != "methods"}
+    return GroupsSettings(**{**shared, **changes})
+
+
+GROUPS = _groups(DEFAULT, pref_epochs=1.0)
+
+GROUPS_QUICK = _groups(QUICK, group_annotators=(4, 1), em_iterations=2)
+
+SCENARIOS = {"default": "the course's preference: one panel, DPO, ORPO, PPO and RLOO against SFT (docs/demo.md)",
+             "groups": "two groups of annotators (80% / 20%) who want different things: EM finds them, pooled "
+                       "vs MaxMin RLOO, pooled vs group-robust DPO, judged under each group (docs/diverse.md)"}
+
+
+def scenario_preset(scenario: str, quick: bool) -> DemoSettings:
+    """The settings of ``preftune demo --scenario SCENARIO [--quick]``."""
+    if scenario not in SCENARIOS:
+        raise PreftuneError(f"unknown demo scenario {scenario!r}", field="--scenario",
+                            hint=f"scenarios: {', '.join(SCENARIOS)}")
+    if scenario == "groups":
+        return GROUPS_QUICK if quick else GROUPS
+    return preset(quick)
