@@ -141,7 +141,7 @@ def write_jsonl(path: str | Path, records: Iterable[Any]) -> Path:
         f.flush()
         os.fsync(f.fileno())
     tmp.replace(path)
-    _sync_dir(path.parent)
+    sync_dir(path.parent)
     return path
 
 
@@ -167,7 +167,8 @@ def sync_file(path: str | Path) -> None:
         os.close(fd)
 
 
-def _sync_dir(path: Path) -> None:
+def sync_dir(path: str | Path) -> None:
+    """Make a rename or a new entry in directory ``path`` durable (a no-op where folders cannot be opened)."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:  # a platform where folders cannot be opened

@@ -45,6 +45,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from preftune.data.jsonl import sync_dir, sync_file
 from preftune.errors import PreftuneError
 
 FORMAT, VERSION = "preftune-checkpoint", 1
@@ -208,7 +209,7 @@ def save_checkpoint(accelerator: Any, state: TrainerState, output_dir: Path, *, 
         tensors, rest = _split_optimizer_state(optimizer.state_dict())
         save_file(tensors, str(tmp / OPTIMIZER_TENSORS))
         for name in (MODEL_FILE, OPTIMIZER_TENSORS):
-            fsync_file(tmp / name)
+            sync_file(tmp / name)
         write_json(tmp / OPTIMIZER_REST, rest)
         write_json(tmp / SCHEDULER_FILE, scheduler.state_dict())
         scaler = getattr(accelerator, "scaler", None)
@@ -219,17 +220,17 @@ def save_checkpoint(accelerator: Any, state: TrainerState, output_dir: Path, *, 
     write_json(tmp / f"rng_state_{rank}.json", _rng_state())
     if hasattr(method, "state_dict"):
         torch.save(method.state_dict(), tmp / f"method_state_{rank}.pt")
-        fsync_file(tmp / f"method_state_{rank}.pt")
+        sync_file(tmp / f"method_state_{rank}.pt")
     accelerator.wait_for_everyone()
     if main:
         files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir())}
         write_json(tmp / MANIFEST, {"format": FORMAT, "version": VERSION, "step": state.step,
                                     "num_processes": accelerator.num_processes, "files": files})
-        fsync_dir(tmp)
+        sync_dir(tmp)
         if final.exists():
             shutil.rmtree(final)
         tmp.rename(final)
-        fsync_dir(final.parent)
+        sync_dir(final.parent)
         if keep > 0:
             for old in list_checkpoints(output_dir)[:-keep]:
                 shutil.rmtree(old, ignore_errors=True)
@@ -276,28 +277,6 @@ def write_json(path: Path, value: Any) -> None:
         json.dump(value, f, indent=1)
         f.flush()
         os.fsync(f.fileno())
-
-
-def fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def fsync_dir(path: Path) -> None:
-    """Make a rename or a new entry in directory ``path`` durable (a no-op where directories cannot be opened)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 # ------------------------------------------------------------------------------------------------ loading

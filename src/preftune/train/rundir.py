@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from preftune.data.jsonl import sync_dir, sync_file
 from preftune.errors import PreftuneError
 from preftune.train.checkpoint import (
     CONFIG_FILE,
@@ -32,8 +33,6 @@ from preftune.train.checkpoint import (
     TrainerState,
     checkpoint_step,
     checkpoints_supported,
-    fsync_dir,
-    fsync_file,
     list_checkpoints,
     load_checkpoint,
     read_config_values,
@@ -153,9 +152,9 @@ def start_run(run: RunDir, config: Any, log: Any) -> None:
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / (CONFIG_YAML + ".tmp")
     tmp.write_text(to_yaml(config), encoding="utf-8")
-    fsync_file(tmp)
+    sync_file(tmp)
     tmp.replace(out / CONFIG_YAML)
-    fsync_dir(out)
+    sync_dir(out)
 
 
 def mark_finished(out: Path, state: TrainerState) -> None:
@@ -163,7 +162,7 @@ def mark_finished(out: Path, state: TrainerState) -> None:
     tmp = Path(out) / (FINISHED + ".tmp")
     write_json(tmp, {k: v for k, v in asdict(state).items() if k != "pending"})
     tmp.replace(Path(out) / FINISHED)
-    fsync_dir(Path(out))
+    sync_dir(Path(out))
 
 
 def check_same_plan(saved: TrainerState, now: TrainerState, path: Path) -> None:
