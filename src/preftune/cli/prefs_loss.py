@@ -1,10 +1,11 @@
 """`preftune prefs loss`: compute a preference loss by hand and see its parts.
 
-``reward`` is the reward-model (Bradley-Terry) loss. Every other command comes from the registry
-:data:`preftune.core.losses.LOSSES`: its inputs from ``needs_reference`` / ``takes_lengths``, one option per
-hyperparameter (default and help from the spec), and its table from generic rows plus the spec's ``parts``.
-A loss added to the registry is a command here without touching this file. The commands are built on first
-use, so importing the CLI does not import torch.
+``reward`` is the reward-model (Bradley-Terry) loss and ``kto`` the KTO loss of unpaired examples (not a
+registry entry: its examples are single completions with a label, not pairs). Every other command comes from
+the registry :data:`preftune.core.losses.LOSSES`: its inputs from ``needs_reference`` / ``takes_lengths``,
+one option per hyperparameter (default and help from the spec), and its table from generic rows plus the
+spec's ``parts``. A loss added to the registry is a command here without touching this file. The commands
+are built on first use, so importing the CLI does not import torch.
 
 Numbers are sequence probabilities (log-probabilities with ``--log``), printed with 6 decimals; ``--json``
 prints every number unrounded. ``--beta-sweep`` (losses with a reference model and a ``beta``) tabulates
@@ -69,7 +70,7 @@ class _LossGroup(TyperGroup):
 
 loss_app = typer.Typer(
     cls=_LossGroup,
-    help="Compute a preference loss for one example and print its parts: the reward-model loss and every "
+    help="Compute a preference loss for one example and print its parts: the reward-model loss, KTO and every "
          "DPO-family loss of the registry (preftune.core.losses.LOSSES).",
     no_args_is_help=True,
 )
@@ -350,3 +351,77 @@ def reward(
     rows.append(("loss", loss, "-log sigmoid(r_w - r_l - m)" if margin is not None else "-log sigmoid(r_w - r_l)"))
     _emit("Reward-model (Bradley-Terry) loss", rows, data, as_json)
 
+
+# ------------------------------------------------------------------------------------------ the KTO loss
+
+KTO_SIDES = (("desirable", "D", "desirable_weight", "lambda_D"), ("undesirable", "U", "undesirable_weight", "lambda_U"))
+
+
+@loss_app.command("kto")
+@handle_errors
+def kto(
+    policy_desirable: float = typer.Option(None, "--policy-desirable", help="pi(y_D | x): the policy's probability "
+                                           "of a desirable completion (label true)."),
+    ref_desirable: float = typer.Option(None, "--ref-desirable", help="pi_ref(y_D | x): the reference's."),
+    policy_undesirable: float = typer.Option(None, "--policy-undesirable", help="pi(y_U | x): the policy's "
+                                             "probability of an undesirable completion (label false)."),
+    ref_undesirable: float = typer.Option(None, "--ref-undesirable", help="pi_ref(y_U | x): the reference's."),
+    z0: float = typer.Option(0.0, "--z0", help="Reference point z0 = max(0, KL estimate) >= 0, in nats."),
+    beta: float = typer.Option(0.1, "--beta", help="KTO's beta (> 0)."),
+    desirable_weight: float = typer.Option(1.0, "--desirable-weight", help="lambda_D (> 0)."),
+    undesirable_weight: float = typer.Option(1.0, "--undesirable-weight", help="lambda_U (> 0)."),
+    log: bool = typer.Option(False, "--log", help=LOG_HELP),
+    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
+) -> None:
+    """KTO loss lambda_y - v(x, y) of a desirable and/or an undesirable example (Ethayarajh et al. 2024, Eq. 8).
+
+    Each example is one completion: give --policy-desirable with --ref-desirable, --policy-undesirable with
+    --ref-undesirable, or both (probabilities, or log-probabilities with --log). The loss is their mean.
+    """
+    import torch
+
+    from preftune.core.losses import LossPart, kto_loss
+
+    given = {"desirable": (policy_desirable, ref_desirable), "undesirable": (policy_undesirable, ref_undesirable)}
+    sides = [s for s in KTO_SIDES if any(v is not None for v in given[s[0]])]
+    if not sides:
+        raise PreftuneError("no example given", field="--policy-desirable",
+                            hint="give --policy-desirable and --ref-desirable, and/or --policy-undesirable and "
+                                 "--ref-undesirable")
+    for name, value in (("--z0", z0), ("--beta", beta), ("--desirable-weight", desirable_weight),
+                        ("--undesirable-weight", undesirable_weight)):
+        if not math.isfinite(value):
+            raise PreftuneError(f"must be a finite number, got {value}", field=name)
+    if z0 < 0:
+        raise PreftuneError(f"must be >= 0, got {z0}", field="--z0", hint="z0 is max(0, KL estimate)")
+    for value, name in ((beta, "--beta"), (desirable_weight, "--desirable-weight"),
+                        (undesirable_weight, "--undesirable-weight")):
+        _positive(value, name)
+    hp = {"beta": beta, "desirable_weight": desirable_weight, "undesirable_weight": undesirable_weight}
+    rows, losses, inputs = [], [], {}
+    for side, y, weight_key, lam in sides:
+        policy, ref = given[side]
+        for value, name in ((policy, f"--policy-{side}"), (ref, f"--ref-{side}")):
+            if value is None:
+                other = f"--ref-{side}" if name.startswith("--policy") else f"--policy-{side}"
+                raise PreftuneError(f"needed with {other}", field=name,
+                                    hint="an example needs the policy's and the reference's probability")
+        logp, logp_ref = (_logp(v, log=log, field=f"--{w}-{side}") for v, w in ((policy, "policy"), (ref, "ref")))
+        inputs.update({f"policy_{side}": policy, f"ref_{side}": ref})
+        t = (torch.tensor([v], dtype=torch.float64) for v in (logp, logp_ref))
+        out = kto_loss(*t, torch.tensor([side == "desirable"]), z0, **hp)
+        ratio, reward, loss = logp - logp_ref, out.rewards.item(), out.losses.item()
+        value = 1.0 - loss / hp[weight_key]  # v(x, y) / lambda_y, as kto_loss computed it
+        term = f"sigmoid(r_{y} - beta z0)" if side == "desirable" else f"sigmoid(beta z0 - r_{y})"
+        rows += [LossPart(f"log_ratio_{side}", f"log pi/pi_ref ({side})", ratio, f"log pi(y_{y}) - log pi_ref(y_{y})"),
+                 LossPart(f"reward_{side}", f"r_{y}", reward, f"beta * log pi(y_{y})/pi_ref(y_{y})")]
+        losses.append((LossPart(f"value_{side}", f"v_{y} / {lam}", value, term),
+                       LossPart(f"loss_{side}", f"loss ({side})", loss, f"{lam} - v_{y}")))
+    rows.append(LossPart("z0", "z0", z0, "reference point (--z0)"))
+    rows += [value_row for value_row, _ in losses] + [loss_row for _, loss_row in losses]
+    mean = sum(p.value for _, p in losses) / len(losses)
+    rows.append(LossPart("loss", "loss", mean, "mean of the two example losses" if len(losses) == 2
+                         else f"the {sides[0][0]} example's loss"))
+    title = "KTO loss, " + ", ".join(f"{k} = {_g(v)}" for k, v in {**hp, "z0": z0}.items())
+    _emit(title, [(p.label, p.value, p.formula) for p in rows],
+          {"loss_name": "kto", "inputs": {**inputs, "log": log, "z0": z0, **hp}, **_values(rows)}, as_json)

@@ -26,9 +26,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [
-    "LOSSES", "LossPart", "LossSpec", "PreferenceLossOutput", "cdpo_loss", "dpo_gradient_weight", "dpo_loss",
-    "hinge_loss", "ipo_loss", "log1mexp", "orpo_loss", "preference_loss", "robust_dpo_loss", "simpo_loss",
-    "unlikelihood_loss",
+    "LOSSES", "KTOLossOutput", "LossPart", "LossSpec", "PreferenceLossOutput", "cdpo_loss", "dpo_gradient_weight",
+    "dpo_loss", "hinge_loss", "ipo_loss", "kto_loss", "kto_reference_point", "log1mexp", "orpo_loss",
+    "preference_loss", "robust_dpo_loss", "simpo_loss", "unlikelihood_loss",
 ]
 
 
@@ -232,6 +232,62 @@ def unlikelihood_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor
     m_l = _mean_logps(policy_rejected_logps, rejected_lengths, "rejected_lengths")
     losses = -m_w - alpha * log1mexp(m_l)  # likelihood of y_w + Welleck et al. 2019 unlikelihood of y_l
     return PreferenceLossOutput(losses, m_w.detach(), m_l.detach())
+
+
+# ------------------------------------------------------------------------------------ unpaired: KTO
+
+
+class KTOLossOutput(NamedTuple):
+    losses: Tensor  # (B,) per-example loss
+    rewards: Tensor  # (B,) implicit reward beta * log pi(y|x)/pi_ref(y|x), detached
+
+
+def kto_reference_point(policy_kl_logps: Tensor, ref_kl_logps: Tensor) -> Tensor:
+    """KTO's reference point ``z0 = max(0, mean_i [log pi(y'_i|x_i) - log pi_ref(y'_i|x_i)])``, detached.
+
+    z0 is the term ``KL(pi(y'|x) || pi_ref(y'|x))`` of Ethayarajh et al. 2024, Eq. 8, estimated as the
+    paper does from MISMATCHED pairs: each prompt ``x_i`` with the completion ``y'_i`` of another example
+    (an output unrelated to ``x_i``). The mean log-ratio is clamped at 0, since a KL divergence is never
+    negative, and detached: z0 only sets the level the rewards are measured from, and no gradient flows
+    through it. Inputs are ``(N,)`` summed log-probs of the N mismatched pairs under the policy and the
+    reference; the result is a 0-dim tensor.
+    """
+    if policy_kl_logps.numel() == 0:
+        raise ValueError("kto_reference_point needs at least one mismatched pair")
+    log_ratios = policy_kl_logps - ref_kl_logps
+    return log_ratios.mean().clamp(min=0).detach()  # z0 of Ethayarajh et al. 2024, Eq. 8 (mismatched pairs)
+
+
+def kto_loss(policy_logps: Tensor, ref_logps: Tensor, desirable: Tensor, z0: Tensor | float, *, beta: float = 0.1,
+             desirable_weight: float = 1.0, undesirable_weight: float = 1.0) -> KTOLossOutput:
+    """KTO: ``loss = lambda_y - v(x, y)`` (Ethayarajh et al. 2024, "KTO: Model Alignment as Prospect
+    Theoretic Optimization", Eq. 8), with ``r = log pi(y|x)/pi_ref(y|x)`` and the value
+
+    ``v = lambda_D sigma(beta (r - z0))`` for a desirable y,  ``v = lambda_U sigma(beta (z0 - r))`` for an
+    undesirable one.
+
+    Unpaired: each example is one completion with its label; ``desirable`` is a ``(B,)`` bool mask (True:
+    desirable, a thumbs up). ``z0`` is the reference point (:func:`kto_reference_point`), used detached.
+    ``lambda_D`` is ``desirable_weight`` and ``lambda_U`` ``undesirable_weight``. Each loss lies in
+    ``[0, lambda_y]``; at policy == reference with z0 = 0 it is ``lambda_y / 2``. Rewards returned:
+    ``beta * r`` (detached).
+    """
+    _check_beta(beta)
+    for name, weight in (("desirable_weight", desirable_weight), ("undesirable_weight", undesirable_weight)):
+        if not weight >= 0:
+            raise ValueError(f"{name} must be >= 0, got {weight}")
+    desirable = torch.as_tensor(desirable, device=policy_logps.device).to(torch.bool)
+    if desirable.shape != policy_logps.shape:
+        raise ValueError(f"desirable must be a bool mask of shape {tuple(policy_logps.shape)}, "
+                         f"got {tuple(desirable.shape)}")
+    z0 = torch.as_tensor(z0, dtype=policy_logps.dtype, device=policy_logps.device).detach()
+    log_ratios = policy_logps - ref_logps
+    value = torch.where(desirable, torch.sigmoid(beta * (log_ratios - z0)),  # v / lambda_y, Ethayarajh et al.
+                        torch.sigmoid(beta * (z0 - log_ratios)))            # 2024, Eq. 8
+    weights = torch.where(desirable, torch.full_like(log_ratios, desirable_weight),
+                          torch.full_like(log_ratios, undesirable_weight))
+    losses = weights * (1.0 - value)  # lambda_y - v(x, y), Ethayarajh et al. 2024, Eq. 8
+    return KTOLossOutput(losses, (beta * log_ratios).detach())
 
 
 # ------------------------------------------------------------------------------------------- registry

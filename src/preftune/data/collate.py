@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from preftune.core.logprobs import IGNORE_INDEX
-from preftune.data.tokenize import TokenizedPair, TokenizedRanking, TokenizedSequence
+from preftune.data.tokenize import TokenizedPair, TokenizedRanking, TokenizedSequence, TokenizedUnpaired
 
 
 def pad_sequences(sequences: Sequence[Sequence[int]], *, pad_value: int,
@@ -70,6 +70,25 @@ def collate_pairs(items: Sequence[TokenizedPair], *, pad_token_id: int,
     if items and all(p.ref_chosen_logps is not None and p.ref_rejected_logps is not None for p in items):
         batch["ref_chosen_logps"] = _optional([p.ref_chosen_logps for p in items])
         batch["ref_rejected_logps"] = _optional([p.ref_rejected_logps for p in items])
+    batch.update(_who(items))
+    return batch
+
+
+def collate_unpaired(items: Sequence[TokenizedUnpaired], *, pad_token_id: int,
+                     padding_side: str = "right") -> dict[str, Any]:
+    """B unpaired examples (KTO) -> ``input_ids``/``attention_mask``/``labels`` [B, T] (prompt + completion),
+    ``kl_input_ids``/``kl_attention_mask``/``kl_labels`` [B, T'] (prompt + another example's completion, for
+    the KL estimate), ``desirable`` [B] bool; ``ref_logps`` / ``ref_kl_logps`` [B] when every item carries
+    cached reference log-probs; ``annotator`` and ``group`` as lists."""
+    batch = _ids_labels([i.input_ids for i in items], [i.labels for i in items], pad_token_id=pad_token_id,
+                        padding_side=padding_side)
+    kl = _ids_labels([i.kl_input_ids for i in items], [i.kl_labels for i in items], pad_token_id=pad_token_id,
+                     padding_side=padding_side)
+    batch.update({f"kl_{k}": v for k, v in kl.items()})
+    batch["desirable"] = torch.tensor([bool(i.desirable) for i in items], dtype=torch.bool)
+    if items and all(i.ref_logps is not None and i.ref_kl_logps is not None for i in items):
+        batch["ref_logps"] = _optional([i.ref_logps for i in items])
+        batch["ref_kl_logps"] = _optional([i.ref_kl_logps for i in items])
     batch.update(_who(items))
     return batch
 

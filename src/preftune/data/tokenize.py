@@ -94,6 +94,26 @@ class TokenizedRanking:
         return max(len(ids) for ids in self.input_ids)
 
 
+@dataclass
+class TokenizedUnpaired:
+    """One unpaired example (KTO): prompt + completion with its label, and the same prompt with ANOTHER
+    example's completion (the mismatched pair of KTO's KL estimate z0, ``kl_*``)."""
+
+    input_ids: list[int]
+    labels: list[int]
+    desirable: bool
+    kl_input_ids: list[int]
+    kl_labels: list[int]
+    ref_logps: float | None = None             # filled by the KTO reference pass (train/kto.py)
+    ref_kl_logps: float | None = None
+    annotator: str | None = None
+    group: str | None = None
+
+    @property
+    def length(self) -> int:
+        return max(len(self.input_ids), len(self.kl_input_ids))
+
+
 # ---------------------------------------------------------------------------------------------- rendering
 def _encode(tokenizer: Any, text: str, *, special: bool) -> list[int]:
     return list(tokenizer(text, add_special_tokens=special)["input_ids"])
@@ -277,6 +297,25 @@ def tokenize_preferences(tokenizer: Any, items: Sequence[Any], *, max_length: in
         if tokenized is not None:
             out.append(tokenized)
     return out, stats
+
+
+def tokenize_unpaired(tokenizer: Any, example: Any, *, kl_completion: Text, max_length: int,
+                      max_prompt_length: int | None = None, truncation: str = "keep_end",
+                      stats: TruncationStats | None = None, index: int | None = None) -> TokenizedUnpaired | None:
+    """An ``UnpairedExample`` (prompt, completion, label) -> ``TokenizedUnpaired``; None if dropped.
+
+    ``truncation`` applies to prompt + completion (counted in ``stats``). The mismatched pair, prompt +
+    ``kl_completion`` (another example's completion), is always cut with keep_end and never counted or
+    dropped: it only feeds the estimate of z0."""
+    out = _truncate(tokenizer, example.prompt, [example.completion], max_length=max_length,
+                    max_prompt_length=max_prompt_length, truncation=truncation, stats=stats, example=example,
+                    index=index)
+    if out is None:
+        return None
+    ((ids, labels),) = out
+    ((kl_ids, kl_labels),) = _truncate(tokenizer, example.prompt, [kl_completion], max_length=max_length,
+                                       max_prompt_length=max_prompt_length, truncation="keep_end", stats=None)
+    return TokenizedUnpaired(ids, labels, bool(example.label), kl_ids, kl_labels, **_who(example))
 
 
 # ---------------------------------------------------------------------------------------------- SFT

@@ -22,14 +22,19 @@ bar and saving the final model. A method owns only what is its own:
 6. ``save(model, path)``: write the final model and tokenizer with ``save_pretrained``.
 
 Optional, for online methods (``preftune.train.online``) and the reward mixture
-(``preftune.train.reward_mixture``), and ``state_dict`` for group-robust DPO (its group weights,
-``preftune.train.group_robust``); the other offline methods define none of them:
+(``preftune.train.reward_mixture``), ``state_dict`` for group-robust DPO (its group weights,
+``preftune.train.group_robust``), ``prepare_step`` and ``state_dict`` for KTO (``preftune.train.kto``); the
+other offline methods define none of them:
 
 * ``updates_per_batch`` (int, default 1): optimizer steps the method takes on each global batch of
   ``train_items`` (PPO's epochs over a rollout); the loop's plan has that many more steps per epoch.
 * ``state_dict()`` / ``load_state_dict(state)``: what the method keeps between steps (a rollout buffer,
   an adaptive KL coefficient); saved per process in every checkpoint and restored on resume, so a run
   resumes exactly in the middle of a rollout.
+* ``prepare_step(model, batches)``: called once per step, before the first forward, with all of this
+  process's micro-batches of the step (collated, on the CPU), in train mode; every process calls it, so
+  it may all-reduce. KTO computes its reference point z0 there, from every micro-batch of every process,
+  so that the step's loss does not depend on how the global batch is split.
 * ``after_step(model, step) -> (records, done)``: work after step ``step`` (the mixture's E-step); the
   records become metrics.jsonl lines; a ``done`` sentence ends training, the planned steps left skipped.
 

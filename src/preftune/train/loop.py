@@ -166,8 +166,11 @@ def _train_step(method: TrainingMethod, model: Any, optimizer: Any, scheduler: A
     if total_units <= 0:
         raise PreftuneError(f"step {state.step + 1} has no units to average over (e.g. every completion "
                             "was truncated away)", hint="raise max_length or check the data")
-    # 3. forward / backward per micro-batch; DDP synchronises gradients on the last one only
+    # 3. forward / backward per micro-batch; DDP synchronises gradients on the last one only. A method with
+    #    ``prepare_step`` first sees all of the step's micro-batches (KTO: its reference point z0, from all)
     model.train()
+    if hasattr(method, "prepare_step"):
+        method.prepare_step(model, micro)
     loss_sum = torch.zeros((), device=accelerator.device, dtype=torch.float64)
     metric_sums: dict[str, torch.Tensor] = {}
     metric_shares: dict[str, torch.Tensor] = {}
