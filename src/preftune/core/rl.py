@@ -1,6 +1,7 @@
 """The arithmetic of online RLHF as pure functions of tensors: KL estimators, KL-shaped rewards, KL
-controllers, advantages (GAE, leave-one-out, batch mean), whitening, PPO's clipped losses, statistics,
-and several rewards made into one (standardisation, aggregation, MaxMin's choice of group).
+controllers, advantages (GAE, leave-one-out, batch mean, GRPO's group-relative), whitening, PPO's clipped
+losses, GRPO's three normalisations, statistics, and several rewards made into one (standardisation,
+aggregation, MaxMin's choice of group).
 
 The objective every online method in ``preftune.train`` climbs is the KL-regularised reward
 (Ziegler et al. 2019, Eq. 2; Ouyang et al. 2022, Eq. 2 without the ptx term)::
@@ -28,13 +29,18 @@ from torch import Tensor
 __all__ = [
     "AGGREGATIONS",
     "KL_ESTIMATORS",
+    "GROUP_SCALES",
+    "LOSS_TYPES",
     "AdaptiveKLController",
     "FixedKLController",
     "aggregate_rewards",
     "approx_kl",
     "clip_fraction",
+    "clip_regions",
     "clipped_value_loss",
     "gae",
+    "group_advantages",
+    "grpo_unit_losses",
     "kl_k1",
     "kl_k3",
     "kl_penalty",
@@ -48,7 +54,9 @@ __all__ = [
     "sequence_entropy_estimate",
     "shaped_rewards",
     "standardize",
+    "token_entropy",
     "whiten",
+    "zero_std_groups",
 ]
 
 
@@ -226,23 +234,72 @@ def mean_baseline_advantages(rewards: Tensor) -> Tensor:
     return rewards - rewards.mean()  # Williams 1992: (r - b) with b the mean reward of the batch
 
 
+GROUP_SCALES = ("group", "batch", "none")
+
+
+def group_advantages(rewards: Tensor, num_samples: int, *, scale: str = "group",
+                     batch_std: Tensor | float | None = None, eps: float = 1e-4) -> Tensor:
+    """GRPO: each completion's reward against the other completions of its prompt (its group of K)::
+
+        group: A_i = (r_i - mean_g r) / (std_g r + eps)    (Shao et al. 2024, Sec. 4.1.2, outcome supervision)
+        batch: A_i = (r_i - mean_g r) / (std_B r + eps)    (group mean, batch std: Liu Z. et al. 2025, Lite PPO)
+        none:  A_i =  r_i - mean_g r                       (Dr. GRPO: Liu et al. 2025, Fig. 1, no std scaling)
+
+    (Liu Z. et al. 2025: "Part I: Tricks or Traps? A Deep Dive into RL for LLM Reasoning"; Liu et al.
+    2025: "Understanding R1-Zero-Like Training: A Critical Perspective".)
+    ``std`` is the sample standard deviation (Bessel's n - 1, as ``torch.std`` and TRL); ``batch_std``
+    is the whole batch's (of every process; computed from ``rewards`` when None). A group whose rewards
+    are all equal gets exactly 0 (its mean is not subtracted in floating point; it is set).
+
+    Args:
+        rewards: [P * K] rewards, the K completions of each prompt contiguous.
+    """
+    k = num_samples
+    if k < 2:
+        raise ValueError(f"group advantages need num_samples >= 2, got {k}")
+    if rewards.numel() % k:
+        raise ValueError(f"{rewards.numel()} rewards do not split into groups of {k}")
+    if scale not in GROUP_SCALES:
+        raise ValueError(f"unknown scale {scale!r}; valid: {', '.join(GROUP_SCALES)}")
+    grouped = rewards.reshape(-1, k)
+    equal = grouped.amax(-1, keepdim=True) == grouped.amin(-1, keepdim=True)
+    # r_i - mean(r) (Shao et al. 2024, Sec. 4.1.2), all of Dr. GRPO's advantage (Liu et al. 2025, Fig. 1)
+    centred = torch.where(equal, torch.zeros_like(grouped), grouped - grouped.mean(-1, keepdim=True))
+    if scale == "group":
+        centred = centred / (grouped.std(-1, keepdim=True) + eps)  # Shao et al. 2024, Sec. 4.1.2: / std(r)
+    elif scale == "batch":
+        std = rewards.std() if batch_std is None else torch.as_tensor(batch_std, dtype=rewards.dtype)
+        centred = centred / (std + eps)  # Liu Z. et al. 2025: group-level mean, batch-level std
+    return centred.reshape(rewards.shape)
+
+
+def zero_std_groups(rewards: Tensor, num_samples: int) -> Tensor:
+    """[P] bool: the groups (the K completions of a prompt) whose rewards are all equal. Their GRPO
+    advantages are 0; DAPO's dynamic sampling keeps none of them (Yu et al. 2025, Eq. 8:
+    0 < |{o_i correct}| < G)."""
+    grouped = rewards.reshape(-1, num_samples)
+    return grouped.amax(-1) == grouped.amin(-1)
+
+
 # --------------------------------------------------------------------------------------------- PPO losses
 
 
 def ppo_policy_loss(logps: Tensor, old_logps: Tensor, advantages: Tensor, *,
-                    clip_range: float = 0.2) -> tuple[Tensor, Tensor]:
+                    clip_range: float = 0.2, clip_range_high: float | None = None) -> tuple[Tensor, Tensor]:
     """PPO's clipped surrogate, negated to a loss (Schulman et al. 2017, Eq. 7)::
 
         ratio = pi(a) / pi_old(a) = exp(logp - old_logp)
-        loss  = -min(ratio * A, clip(ratio, 1 - eps, 1 + eps) * A) = max(-ratio A, -clip(ratio) A)
+        loss  = -min(ratio * A, clip(ratio, 1 - eps, 1 + eps_high) * A) = max(-ratio A, -clip(ratio) A)
 
-    Per element (token for PPO, sequence for RLOO); the caller masks and reduces. With
-    ``old_logps == logps.detach()`` the ratio is 1 and the gradient is ``-A * grad logp``, REINFORCE's.
-    Returns ``(losses, ratio)``; ratio is detached.
+    ``eps_high`` is ``clip_range_high`` (DAPO's clip-higher, Yu et al. 2025, Sec. 3.1), by default
+    ``clip_range``. Per element (token for PPO and GRPO, sequence for RLOO); the caller masks and reduces.
+    With ``old_logps == logps.detach()`` the ratio is 1 and the gradient is ``-A * grad logp``,
+    REINFORCE's. Returns ``(losses, ratio)``; ratio is detached.
     """
+    high = clip_range if clip_range_high is None else clip_range_high
     ratio = torch.exp(logps - old_logps)
     unclipped = -advantages * ratio
-    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + high)
     return torch.maximum(unclipped, clipped), ratio.detach()  # Schulman et al. 2017, Eq. 7
 
 
@@ -272,6 +329,64 @@ def approx_kl(logps: Tensor, old_logps: Tensor) -> Tensor:
 def clip_fraction(ratio: Tensor, *, clip_range: float) -> Tensor:
     """1.0 where ``|ratio - 1| > eps`` (the clip is active), else 0.0; its mean is ``policy/clipfrac``."""
     return ((ratio - 1.0).abs() > clip_range).to(ratio.dtype)
+
+
+def clip_regions(ratio: Tensor, advantages: Tensor, *, clip_range: float,
+                 clip_range_high: float | None = None) -> tuple[Tensor, Tensor]:
+    """Where the clipped term of ``ppo_policy_loss`` is the active one (its gradient is 0), as 1.0 / 0.0:
+    ``low`` = ratio < 1 - eps with A < 0, ``high`` = ratio > 1 + eps_high with A > 0. Their means are
+    ``clip_ratio/low_mean`` and ``clip_ratio/high_mean``; their sum ``clip_ratio/region_mean`` (TRL's names)."""
+    high = clip_range if clip_range_high is None else clip_range_high
+    low_clipped = (ratio < 1.0 - clip_range) & (advantages < 0)
+    high_clipped = (ratio > 1.0 + high) & (advantages > 0)
+    return low_clipped.to(ratio.dtype), high_clipped.to(ratio.dtype)
+
+
+LOSS_TYPES = ("grpo", "dr_grpo", "dapo")
+
+
+def grpo_unit_losses(token_losses: Tensor, mask: Tensor, *, loss_type: str, max_tokens: int | None = None) -> Tensor:
+    """GRPO's per-token losses [B, T] -> the losses of its units, which the caller sums and divides by
+    their number over the whole step (the training loop's normaliser), by ``loss_type``:
+
+    * ``grpo``: per completion, ``1/|o_i| sum_t L_t`` (Shao et al. 2024, Eq. 3), unit the completion:
+      the step's loss is ``1/G sum_i 1/|o_i| sum_t L_t``;
+    * ``dr_grpo``: per completion, ``1/max_tokens sum_t L_t``, a constant instead of ``|o_i|`` (Dr. GRPO,
+      Liu et al. 2025, Fig. 1; the constant of their code), unit the completion;
+    * ``dapo``: per token, ``L_t`` itself, unit the token: the step's loss is
+      ``1/sum_i |o_i| sum_i sum_t L_t`` (Yu et al. 2025, Eq. 8, token-level policy gradient loss).
+
+    Returns [B] (grpo, dr_grpo) or [B, T] masked (dapo).
+    """
+    mask = mask.to(token_losses.dtype)
+    masked = token_losses * mask
+    if loss_type == "grpo":
+        return masked.sum(-1) / mask.sum(-1).clamp(min=1)  # Shao et al. 2024, Eq. 3: 1/|o_i| sum_t
+    if loss_type == "dr_grpo":
+        if not max_tokens or max_tokens < 1:
+            raise ValueError(f"dr_grpo needs max_tokens >= 1, got {max_tokens}")
+        return masked.sum(-1) / max_tokens  # Liu et al. 2025 (Dr. GRPO): sum_t L_t / a constant, no 1/|o_i|
+    if loss_type == "dapo":
+        return masked  # Yu et al. 2025, Eq. 8: 1/(sum_i |o_i|) sum_i sum_t, the loop divides by the tokens
+    raise ValueError(f"unknown loss type {loss_type!r}; valid: {', '.join(LOSS_TYPES)}")
+
+
+ENTROPY_CHUNK_ELEMENTS = 2**24  # float32 values per chunk of token_entropy (64 MiB)
+
+
+@torch.no_grad()
+def token_entropy(logits: Tensor, *, temperature: float = 1.0, chunk_size: int | None = None) -> Tensor:
+    """The entropy ``H_t = -sum_v p_v log p_v`` of ``softmax(logits / temperature)`` per row of ``logits``
+    [..., V] (no gradient), as ``logsumexp(z) - sum_v p_v z_v``, ``chunk_size`` rows at a time (None: 2**24
+    values, 64 MiB of float32): never a float32 copy of the whole [..., V] tensor."""
+    flat = logits.reshape(-1, logits.shape[-1])
+    chunk_size = chunk_size or max(1, ENTROPY_CHUNK_ELEMENTS // max(1, flat.shape[-1]))
+    out = torch.empty(flat.shape[0], dtype=torch.promote_types(logits.dtype, torch.float32), device=logits.device)
+    for s in range(0, flat.shape[0], chunk_size):
+        z = flat[s:s + chunk_size].to(out.dtype) / temperature
+        lse = torch.logsumexp(z, dim=-1)
+        out[s:s + chunk_size] = lse - (torch.softmax(z, dim=-1) * z).sum(-1)  # H = log Z - E_p[z]
+    return out.reshape(logits.shape[:-1])
 
 
 def sequence_entropy_estimate(logps: Tensor, mask: Tensor) -> Tensor:

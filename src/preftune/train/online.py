@@ -7,9 +7,10 @@ Each rollout, on each process (``OnlineMethod.make_rollout``)::
                     (several rewards: standardised, then mean, min, maxmin    train.multireward.RewardSet
                     or weighted; maxmin: the lowest group's, MaxMin-RLHF)
     (3) KL-shape    r(x, y) - beta * KL_t per token against the frozen        core.rl.kl_penalty, shaped_rewards
-                    reference (k1 or k3; beta fixed or adaptive)
+                    reference (k1 or k3; beta fixed or adaptive); a recipe
+                    may load no reference (GRPO with kl_coef 0): KL 0
     (4) advantages  the method's own: GAE with a value network (PPO), leave-one-out (RLOO), best of K
-                    (RAFT); each completion becomes a training item
+                    (RAFT), group-relative (GRPO); each completion becomes a training item
     (6) log         rollout statistics (``objective/*``, ``completions/*``) and OUTPUT_DIR/samples.jsonl
 
 and each optimizer step (``OnlineMethod.loss``)::
@@ -47,14 +48,17 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class OnlineRecipe:
-    """What makes one online method itself; everything else is ``OnlineMethod``'s numbered steps."""
+    """What makes one online method itself; everything else is ``OnlineMethod``'s numbered steps.
+    ``unit`` and ``reference`` may be functions of the config (GRPO: its loss_type, its kl_coef)."""
 
-    unit: str                    # "token" or "sequence": the loss is a mean over response tokens or completions
+    unit: str | Callable[[Any], str]  # "token" or "sequence": the loss is a mean over response tokens or completions
     value_network: bool          # train a value network beside the policy (PPO)
     advantages: Callable[[Rollout, Any], tuple[list[dict[str, Any]], dict[str, float]]]  # (4) items, logs
     # (5) loss(logps [B, R], values [B, R] or None, batch, config) -> per-unit losses, metric sums
     loss: Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]]
     loss_at_temperature: bool = True  # log-probs of the loss under softmax(logits / temperature)
+    reference: bool | Callable[[Any], bool] = True  # load pi_ref; without it the rollout's KL is 0 and not logged
+    entropy: bool = False        # (5) also give the loss the policy's per-token entropy, batch["entropy"] [B, R]
 
 
 class OnlineMethod:
@@ -107,7 +111,7 @@ class OnlineMethod:
         policy = load_policy(c.model, dtype=c.dtype, lora=c.lora, gradient_checkpointing=c.gradient_checkpointing,
                              trust_remote_code=c.trust_remote_code, tokenizer=self.tokenizer)
         reference = build_reference(policy, ref_model=c.ref_model, lora=c.lora, dtype=c.dtype, tokenizer=self.tokenizer,
-                                    trust_remote_code=c.trust_remote_code)
+                                    trust_remote_code=c.trust_remote_code) if self.with_reference else None
         self.reference = reference.to(ctx.accelerator.device) if reference is not None else None
         self.rewards = RewardSet.load(c, self._reward_fn, device=str(ctx.accelerator.device),
                                       batch_size=self._generation_batch())
@@ -133,6 +137,18 @@ class OnlineMethod:
         self.samples = SamplesFile(ctx.output_dir / "samples.jsonl", enabled=ctx.accelerator.is_main_process,
                                    every=c.sample_every, steps_per_rollout=c.update_epochs * c.num_mini_batches,
                                    log=ctx.log)
+
+    @property
+    def with_reference(self) -> bool:
+        """Whether a reference model is loaded: the recipe's ``reference``, for this config."""
+        r = self.recipe
+        return r.reference(self.config) if callable(r.reference) else r.reference
+
+    @property
+    def unit(self) -> str:
+        """The loss's unit, "token" or "sequence": the recipe's ``unit``, for this config."""
+        r = self.recipe
+        return r.unit(self.config) if callable(r.unit) else r.unit
 
     def _generation_batch(self) -> int:
         c = self.config
@@ -201,11 +217,11 @@ class OnlineMethod:
                                          batch_size=self._generation_batch())
             logps, values, ref_logps = policy_and_reference_logps(
                 policy, self.reference, queries, responses, value=value, pad_token_id=tok.pad_token_id,
-                temperature=c.temperature, batch_size=self._generation_batch())
+                temperature=c.temperature, batch_size=self._generation_batch(), with_reference=self.with_reference)
         # the per-token KL against the reference (shapes the rewards in (3); maxmin's objectives use it in (2))
         mask = response_lengths_mask([len(r) for r in responses])
-        old, ref = pad_rows(logps), pad_rows(ref_logps)
-        kl = kl_penalty(old, ref, estimator=c.kl_estimator) * mask
+        old, ref = pad_rows(logps), pad_rows(ref_logps) if ref_logps is not None else None
+        kl = kl_penalty(old, ref, estimator=c.kl_estimator) * mask if ref is not None else torch.zeros_like(old)
         beta = self.kl_controller.value
         # (2) score every (prompt, completion); several rewards become one (standardised on the starting
         #     policy's samples, drawn before the first update; maxmin: the group lowest on this rollout)
@@ -222,12 +238,12 @@ class OnlineMethod:
         # (3) KL-shaped rewards against the reference: r(x, y) at the last token, -beta * KL_t on every token
         ro = Rollout(prompt_index, queries, responses, texts, mask, old, ref,
                      pad_rows(values) if values is not None else None, scores, kl,
-                     shaped_rewards(scores, kl, mask, kl_coef=beta), ended, k, per_reward)
+                     shaped_rewards(scores, kl, mask, kl_coef=beta), ended, k, per_reward, reduce)
         # (4) advantages, the method's own: each completion becomes a training item
         items, extra = self.recipe.advantages(ro, c)
         # (6) log: global rollout statistics; the adaptive controller moves beta for the next rollout
         logs = {**rollout_statistics(ro, beta, reduce), **reward_logs, **extra}
-        self.kl_controller.update(logs["objective/kl"], n_steps=int(logs.pop("_sequences")))
+        self.kl_controller.update(logs.get("objective/kl", 0.0), n_steps=int(logs.pop("_sequences")))
         if self.samples.due(rollout, step):
             self.samples.write(step, ro, self.prompts, limit=c.sample_rows)
         return {"rollout": rollout, "items": items, "logs": logs}
@@ -241,19 +257,21 @@ class OnlineMethod:
     def units(self, batch: dict[str, torch.Tensor]) -> int:
         """Response tokens (unit "token") or completions (unit "sequence") in the batch."""
         mask = batch["response_mask"]
-        return int(mask.sum()) if self.recipe.unit == "token" else int(mask.shape[0])
+        return int(mask.sum()) if self.unit == "token" else int(mask.shape[0])
 
     def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor], *, normaliser: float) -> StepOutput:
         """(5) update: the step's completions under the current policy (and value network), the method's
         loss summed over its units / normaliser, plus PPO-ptx."""
         from preftune.core.logprobs import position_ids_from_mask
-        from preftune.train.rollout import response_columns, response_logps
+        from preftune.train.rollout import response_columns, response_entropy, response_logps
 
         r, c, mask = self.recipe, self.config, batch["attention_mask"]
         out = model(input_ids=batch["input_ids"], attention_mask=mask, position_ids=position_ids_from_mask(mask),
                     with_values=r.value_network)
         logps = response_logps(out.logits, batch, temperature=c.temperature if r.loss_at_temperature else 1.0)
         values = response_columns(out.values.float(), batch) if r.value_network else None
+        if r.entropy:
+            batch = {**batch, "entropy": response_entropy(out.logits, batch, temperature=c.temperature)}
         losses, metric_sums = r.loss(logps, values, batch, c)
         ptx, ptx_metrics = self.ptx.loss(model, batch) if self.ptx else (0.0, {})
         return StepOutput(loss=losses.sum() / normaliser + ptx, metric_sums=metric_sums, metric_shares=ptx_metrics,

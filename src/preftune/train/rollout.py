@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,7 +52,7 @@ class Rollout:
     texts: list[str]                # decoded responses
     mask: torch.Tensor              # [N, R]
     logps: torch.Tensor             # [N, R] log pi_old(y_t), the policy that sampled
-    ref_logps: torch.Tensor         # [N, R] log pi_ref(y_t)
+    ref_logps: torch.Tensor | None  # [N, R] log pi_ref(y_t); None when no reference is loaded (KL 0, not logged)
     values: torch.Tensor | None     # [N, R] V(s_t) of the value network (PPO)
     scores: torch.Tensor            # [N] r(x, y), several rewards' aggregate (minus missing_eos_penalty)
     kl: torch.Tensor                # [N, R] per-token KL estimate
@@ -60,6 +60,12 @@ class Rollout:
     ended: torch.Tensor             # [N] bool: stopped with EOS
     num_samples: int                # K
     reward_scores: dict[str, torch.Tensor] | None = None  # [N] raw score of each of several rewards, by name
+    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None  # a float64 tensor summed over every process
+
+    def total(self, sums: torch.Tensor) -> torch.Tensor:
+        """``sums`` (float64) summed over every process's rollout, on the CPU (one process: as it is).
+        A collective: every process calls it, the same number of times."""
+        return sums if self.reduce is None else self.reduce(sums).cpu()
 
     def items(self, rows: list[int] | None = None, **fields: torch.Tensor) -> list[dict[str, Any]]:
         """Training items of ``rows`` (all by default): query, response and each field, [N, R] tensors
@@ -101,7 +107,8 @@ class SamplesFile:
         seq_kl, reward = ro.kl.sum(-1), ro.rewards.sum(-1)
         append_jsonl(self.path, [
             {"step": step, "prompt": prompts[ro.prompt_index[i]], "sample": i % ro.num_samples,
-             "completion": ro.texts[i], "score": float(ro.scores[i]), "kl": float(seq_kl[i]),
+             "completion": ro.texts[i], "score": float(ro.scores[i]),
+             **({"kl": float(seq_kl[i])} if ro.ref_logps is not None else {}),  # no reference: no KL
              "rlhf_reward": float(reward[i]), "length": int(ro.mask[i].sum()), "eos": bool(ro.ended[i]),
              **({"reward_scores": {name: float(v[i]) for name, v in ro.reward_scores.items()}}
                 if ro.reward_scores else {})}
@@ -187,6 +194,19 @@ def response_logps(logits: torch.Tensor, batch: dict[str, torch.Tensor], *,
     from preftune.core.logprobs import label_logps
 
     return response_columns(label_logps(logits, batch["labels"], temperature=temperature), batch)
+
+
+def response_entropy(logits: torch.Tensor, batch: dict[str, torch.Tensor], *, temperature: float = 1.0) -> torch.Tensor:
+    """[B, R] entropy of ``softmax(logits / temperature)`` at the positions that predict the response tokens
+    (0 on padding), without gradient: each row's response columns in chunks (``core.rl.token_entropy``),
+    so neither the [B, T, V] logits nor their response slice is copied to float32."""
+    from preftune.core.rl import token_entropy
+
+    width, mask = int(batch["query_width"]), batch["response_mask"]
+    out = torch.zeros(mask.shape, dtype=torch.promote_types(logits.dtype, torch.float32), device=logits.device)
+    for b, n in enumerate(mask.sum(-1).long().tolist()):
+        out[b, :n] = token_entropy(logits[b, width - 1:width - 1 + n], temperature=temperature)
+    return out
 
 
 def response_columns(per_position: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -286,28 +306,33 @@ def rollout_logps(model: Any, queries: Sequence[torch.Tensor], responses: Sequen
 def rollout_statistics(ro: Rollout, beta: float, reduce: Any) -> dict[str, float]:
     """Means over every process's rollout (``reduce``: a sum over processes of a float64 tensor):
     sequence KL, entropy estimate, scores, the KL-regularised reward, length and EOS rate; ``_sequences``
-    is their count (for the adaptive KL controller)."""
+    is their count (for the adaptive KL controller). Without a reference (``ro.ref_logps`` None) the KL
+    is not measured: ``objective/kl`` and ``objective/non_score_reward`` are left out."""
     from preftune.core.rl import sequence_entropy_estimate
 
     sums = torch.stack([ro.kl.sum(-1).sum(), sequence_entropy_estimate(ro.logps, ro.mask).sum(), ro.scores.sum(),
                         ro.mask.sum(), ro.ended.float().sum(), torch.tensor(float(len(ro.queries)))]).double()
     kl, entropy, scores, length, eos, n = reduce(sums).tolist()
-    return {"objective/kl": kl / n, "objective/entropy": entropy / n, "objective/non_score_reward": -beta * kl / n,
-            "objective/rlhf_reward": (scores - beta * kl) / n, "objective/scores": scores / n,
-            "objective/kl_coef": beta, "completions/mean_length": length / n, "completions/eos_rate": eos / n,
-            "_sequences": n}
+    measured = ({"objective/kl": kl / n, "objective/non_score_reward": -beta * kl / n}
+                if ro.ref_logps is not None else {})
+    return {**measured, "objective/entropy": entropy / n, "objective/rlhf_reward": (scores - beta * kl) / n,
+            "objective/scores": scores / n, "objective/kl_coef": beta, "completions/mean_length": length / n,
+            "completions/eos_rate": eos / n, "_sequences": n}
 
 
 def policy_and_reference_logps(policy: Any, reference: Any, queries: Sequence[torch.Tensor],
                                responses: Sequence[torch.Tensor], *, value: Any, pad_token_id: int,
-                               temperature: float, batch_size: int) -> tuple[list[Any], list[Any] | None, list[Any]]:
+                               temperature: float, batch_size: int,
+                               with_reference: bool = True) -> tuple[list[Any], list[Any] | None, list[Any] | None]:
     """Per-row response log-probs under the policy that sampled (and the value network's values, when
     ``value`` is one) and under the reference (``reference``, or the policy with its LoRA adapter
-    disabled when ``reference`` is None)."""
+    disabled when ``reference`` is None; none at all, None, when ``with_reference`` is False)."""
     from preftune.models import adapter_disabled
 
     kwargs = {"pad_token_id": pad_token_id, "temperature": temperature, "batch_size": batch_size}
     logps, values = rollout_logps(policy, queries, responses, values=value, **kwargs)
+    if not with_reference:
+        return logps, values, None
     if reference is not None:
         return logps, values, rollout_logps(reference, queries, responses, **kwargs)[0]
     with adapter_disabled(policy) as base:
