@@ -13,11 +13,11 @@ from pathlib import Path
 from typing import Any
 
 from preftune.errors import PreftuneError
-from preftune.train import dpo, ppo, raft, reward_mixture, rloo, sft
+from preftune.train import dpo, grpo, kto, online_dpo, ppo, raft, reward_mixture, rloo, sft
 from preftune.train.base import MethodSpec, TrainConfig
 
 METHODS: dict[str, MethodSpec] = {spec.name: spec for spec in (
-    sft.SPEC, reward_mixture.SPEC, dpo.SPEC, ppo.SPEC, rloo.SPEC, raft.SPEC,
+    sft.SPEC, reward_mixture.SPEC, dpo.SPEC, kto.SPEC, ppo.SPEC, rloo.SPEC, raft.SPEC, grpo.SPEC, online_dpo.SPEC,
 )}
 
 __all__ = ["METHODS", "MethodSpec", "method_spec", "resolve_config", "run"]
