@@ -23,12 +23,13 @@ import typer
 import typer.core
 
 from preftune import __version__
-from preftune.cli import annotate, compare, data, demo, experiment, generate, prefs, score, train
+from preftune.cli import annotate, compare, data, demo, experiment, generate, iterate, prefs, score, train
 from preftune.cli._common import quiet_libraries
 
 # The order of `preftune --help`: the course's calculator, then data -> train -> generate -> annotate -> score
-# -> compare (docs/architecture.md), then the experiments that run the whole flow.
-FLOW = ("prefs", "data", "train", "generate", "annotate", "score", "compare", "experiment", "demo")
+# -> compare (docs/architecture.md), iterate (those steps again, in rounds), then the experiments that run the
+# whole flow.
+FLOW = ("prefs", "data", "train", "generate", "annotate", "score", "compare", "iterate", "experiment", "demo")
 
 
 def dashed(token: str) -> str:
@@ -85,7 +86,7 @@ def _root(
     quiet_libraries()
 
 
-for _module in (prefs, data, train, generate, annotate, score, compare, experiment, demo):
+for _module in (prefs, data, train, generate, annotate, score, compare, iterate, experiment, demo):
     _module.register(app)
 
 
