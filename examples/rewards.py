@@ -20,3 +20,16 @@ def spaces(prompt: str, completion: str) -> float:
     if not completion:
         return 0.0
     return completion.count(" ") / len(completion)
+
+
+def letters_and_o(prompt: str, completion: str) -> float:
+    """An imperfect proxy of ``letters_few_o`` for the overoptimization experiment (examples/overoptimization.yaml):
+    the share of letters plus 0.05 per letter ``o``, as if a reward model had learned that good answers contain
+    an ``o``. It keeps rising as the policy writes more ``o``s."""
+    return letters(prompt, completion) + 0.05 * completion.count("o")
+
+
+def letters_few_o(prompt: str, completion: str) -> float:
+    """The ground truth behind ``letters_and_o``: the share of letters, minus 0.25 per ``o`` beyond two. A policy
+    that optimises the proxy first gains letters (both rewards rise), then piles up ``o``s (only the proxy rises)."""
+    return letters(prompt, completion) - 0.25 * max(0, completion.count("o") - 2)

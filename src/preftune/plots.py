@@ -136,7 +136,8 @@ def training_curves(panels: Mapping[str, Mapping[str, tuple[Sequence[float], Seq
     return save(fig, path)
 
 
-FRONTIER_MARKERS = {"sft": "*", "dpo": "o", "ppo": "s", "rloo": "^", "raft": "D", "unlikelihood": "v"}
+FRONTIER_MARKERS = {"sft": "*", "dpo": "o", "ppo": "s", "rloo": "^", "raft": "D", "unlikelihood": "v", "grpo": "P",
+                    "online-dpo": "X", "iterative-dpo": "h"}
 
 
 def frontier_plot(points: Sequence[Mapping[str, Any]], path: str | Path, *, title: str = "") -> Path:
@@ -163,6 +164,48 @@ def frontier_plot(points: Sequence[Mapping[str, Any]], path: str | Path, *, titl
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small", frameon=False)
+    return save(fig, path)
+
+
+def overoptimization_plot(curves: Mapping[str, Sequence[Mapping[str, Any]]], path: str | Path, *,
+                          peaks: Mapping[str, Mapping[str, Any]] | None = None,
+                          fits: Mapping[str, Mapping[str, Any] | None] | None = None, title: str = "") -> Path:
+    """Reward-model overoptimization (``preftune experiment overoptimization``): the proxy reward (left) and
+    the true reward (right) against KL(pi || pi_ref), one line per run through its measurements in order of
+    steps, standard errors as bars, its last point labelled; the true reward's peak starred, and Gao et al.'s fit
+    ``R(d) = d (alpha - beta log d)``, d = sqrt(KL), dashed where it explains the curve (``clean``)."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(11.0, 4.4))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for k, (name, curve) in enumerate(curves.items()):
+        color, marker = colors[k % len(colors)], FRONTIER_MARKERS.get(name, "o")
+        xs = [p["kl"] for p in curve]
+        for ax, key in zip(axes, ("proxy", "true"), strict=True):
+            ax.errorbar(xs, [p[f"{key}_reward"] for p in curve], yerr=[p[f"{key}_se"] for p in curve],
+                        fmt="-" + marker, color=color, label=name, capsize=2, markersize=5, linewidth=1.2,
+                        elinewidth=0.6)
+            ax.annotate(f"step {curve[-1]['step']}", (xs[-1], curve[-1][f"{key}_reward"]), textcoords="offset points",
+                        xytext=(4, -10), fontsize=7, color=color)  # where the run ended: KL need not only grow
+        peak = (peaks or {}).get(name)
+        if peak is not None:
+            axes[1].plot([peak["kl"]], [peak["true_reward"]], "*", color=color, markersize=15, markeredgecolor="black",
+                         label=f"{name}: peak at step {peak['step']}")
+        fit = (fits or {}).get(name)
+        if fit is not None and fit.get("clean"):  # a clean fit has 3 points or more with KL > 0
+            ds = [math.sqrt(max(xs)) * (i + 1) / 100 for i in range(100)]
+            start = curve[0]["true_reward"]
+            gains = [d * (fit["alpha"] - fit["beta"] * math.log(d)) for d in ds]  # Gao et al. 2023, R_RL(d)
+            axes[1].plot([0.0, *(d * d for d in ds)], [start, *(start + g for g in gains)], "--", color=color,
+                         linewidth=0.9,
+                         label=f"{name}: Gao fit, alpha {fit['alpha']:.2f}, beta {fit['beta']:.2f} (r2 {fit['r2']:.2f})")
+    for ax, label in zip(axes, ("proxy reward (what the policy optimises)", "true reward (the ground truth)"),
+                         strict=True):
+        ax.set_xlabel("KL(pi || pi_ref), nats (Gao et al. use sqrt(KL))")
+        ax.set_ylabel(f"mean {label.split(' (')[0]}, held-out prompts")
+        ax.set_title(label, fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small", frameon=False)
+    fig.suptitle(title)
     return save(fig, path)
 
 
@@ -202,4 +245,46 @@ def beta_sweep(betas: Sequence[float], curves: Sequence[tuple[str, Sequence[floa
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=9, title=r"$h = \log\frac{\pi(y_w)}{\pi_{ref}(y_w)} - \log\frac{\pi(y_l)}{\pi_{ref}(y_l)}$",
               title_fontsize=9)
+    return save(fig, path)
+
+
+def rounds_plot(rounds: Sequence[Mapping[str, Any]], path: str | Path, *, sft_reward: float | None = None,
+                title: str = "") -> Path:
+    """``preftune iterate``: after each round (round 0 = the SFT model), the win rate against SFT with its 95%
+    interval (a dashed line at 0.5), the KL to SFT with its standard error and, when the records hold a
+    ``reward``, the mean reward (``sft_reward`` at round 0)."""
+    plt = _pyplot()
+    with_reward = any(r.get("reward") is not None for r in rounds)
+    fig, axes = plt.subplots(1, 3 if with_reward else 2, figsize=(11.5 if with_reward else 8.5, 3.6), squeeze=False)
+    axes = list(axes[0])
+    xs = [0, *(r["round"] for r in rounds)]
+    judged = [r for r in rounds if r.get("win_rate") is not None]
+    ax = axes[0]
+    if judged:
+        wr = [r["win_rate"] for r in judged]
+        ci = [r.get("win_rate_ci") or (w, w) for r, w in zip(judged, wr, strict=True)]
+        ax.errorbar([0, *(r["round"] for r in judged)], [0.5, *wr],
+                    yerr=[[0.0, *(w - c[0] for w, c in zip(wr, ci, strict=True))],
+                          [0.0, *(c[1] - w for w, c in zip(wr, ci, strict=True))]],
+                    fmt="-o", color="#1565c0", capsize=4)
+    ax.axhline(0.5, color="#9e9e9e", linestyle="--", linewidth=1)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("win rate against SFT (95% CI)")
+    ax.set_title("win rate (ties count half)" if judged else "win rate: not measured", fontsize="medium")
+    panels = [("kl", "kl_se", 0.0, "KL(pi || pi_SFT), nats", "KL to SFT")]
+    if with_reward:
+        panels.append(("reward", "reward_se", sft_reward, "mean reward", "reward (eval prompts)"))
+    for ax, (key, se, start, ylabel, name) in zip(axes[1:], panels, strict=True):
+        ys = [start, *(r.get(key) for r in rounds)]
+        err = [0.0, *(r.get(se) or 0.0 for r in rounds)]
+        keep = [i for i, y in enumerate(ys) if y is not None]
+        ax.errorbar([xs[i] for i in keep], [ys[i] for i in keep], yerr=[err[i] for i in keep], fmt="-o",
+                    color="#ef6c00" if key == "kl" else "#2e7d32", capsize=4)
+        ax.set_ylabel(ylabel)
+        ax.set_title(name, fontsize="medium")
+    for ax in axes:
+        ax.set_xticks(xs, ["SFT", *(str(x) for x in xs[1:])])
+        ax.set_xlabel("round")
+        ax.grid(alpha=0.3)
+    fig.suptitle(title, fontsize="medium")
     return save(fig, path)

@@ -1,2 +1,2 @@
-"""Experiments built from the commands below them: the offline Shakespeare demo (``demo``) and the
-reward-vs-KL frontier (``frontier``)."""
+"""Experiments built from the commands below them: the offline Shakespeare demo (``demo``), the
+reward-vs-KL frontier (``frontier``) and reward-model overoptimization (``overoptimization``)."""
