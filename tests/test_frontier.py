@@ -31,17 +31,22 @@ def _config(model: Path, out: Path, **keys) -> dict:
             "max_length": 64, "eval_samples": 2, "preference_samples": 3,
             "common": {"max_steps": 2, "learning_rate": 1e-2, "report_to": "none", "dtype": "float32",
                        "batch_size": 4},
-            "dpo": {"max_prompt_length": 32}, "rloo": {"num_samples": 2}, "raft": {"num_samples": 2}, **keys}
+            "dpo": {"max_prompt_length": 32}, "rloo": {"num_samples": 2}, "raft": {"num_samples": 2},
+            "grpo": {"num_samples": 2}, "online_dpo": {"num_samples": 2}, **keys}
 
 
 def test_plan_runs_names_and_keys() -> None:
     config = FrontierConfig(model="m", dpo_betas=[0.1, 0.5], ppo_kl_coefs=[0.05], rloo_kl_coefs=[], raft=None,
-                            dpo={"beta": 9.0, "learning_rate": 1e-6}, unlikelihood={"alpha": 0.5})
+                            dpo={"beta": 9.0, "learning_rate": 1e-6}, unlikelihood={"alpha": 0.5},
+                            online_dpo={"beta": 7.0, "num_samples": 4})
     runs = plan_runs(config)
-    assert [r.name for r in runs] == ["dpo-beta0.1", "dpo-beta0.5", "ppo-kl0.05", "unlikelihood"]
+    assert [r.name for r in runs] == ["dpo-beta0.1", "dpo-beta0.5", "ppo-kl0.05", "grpo-kl0.04",
+                                      "online-dpo-beta0.1", "unlikelihood"]
     assert runs[1].keys["beta"] == 0.5 and runs[1].keys["loss"] == "dpo"  # the sweep wins over `dpo`
     assert runs[2].keys["kl_coef"] == 0.05 and runs[2].keys["max_new_tokens"] == 32
-    unlikelihood = runs[3].keys
+    assert runs[3].command == "grpo" and runs[3].keys["kl_coef"] == 0.04
+    assert runs[4].command == "online-dpo" and runs[4].keys["beta"] == 0.1 and runs[4].keys["num_samples"] == 4
+    unlikelihood = runs[5].keys
     assert unlikelihood["loss"] == "unlikelihood" and "beta" not in unlikelihood and unlikelihood["alpha"] == 0.5
 
 
@@ -53,7 +58,8 @@ def test_frontier_on_the_tiny_model(tiny_model_dir, tmp_path, capsys):
     messages: list[str] = []
     result = frontier(_config(tiny_model_dir, out), log=messages.append)
     names = [p["name"] for p in result["points"]]
-    assert names == ["sft", "dpo-beta0.1", "ppo-kl0.05", "rloo-kl0.05", "raft", "unlikelihood"]
+    assert names == ["sft", "dpo-beta0.1", "ppo-kl0.05", "rloo-kl0.05", "grpo-kl0.04", "online-dpo-beta0.1", "raft",
+                     "unlikelihood"]
     sft = result["points"][0]
     assert sft["kl"] == 0.0 and sft["samples"] == 8 and 0.0 <= sft["reward"] <= 1.0
     assert all(p["kl"] != 0.0 for p in result["points"][1:])
@@ -70,9 +76,9 @@ def test_frontier_on_the_tiny_model(tiny_model_dir, tmp_path, capsys):
     second = frontier(_config(tiny_model_dir, out), log=again.append)
     assert second["points"] == result["points"]
     assert stamps == {n: (out / "runs" / n / "final" / "model.safetensors").stat().st_mtime_ns for n in names[1:]}
-    assert [m for m in again if "skipped" in m] == [f"[{k}/5] {n}: finished before, skipped"
+    assert [m for m in again if "skipped" in m] == [f"[{k}/{len(names) - 1}] {n}: finished before, skipped"
                                                     for k, n in enumerate(names[1:], start=1)]
-    assert "[2/5] ppo-kl0.05: trained, " + str(out / "runs" / "ppo-kl0.05" / "final") in messages
+    assert "[2/7] ppo-kl0.05: trained, " + str(out / "runs" / "ppo-kl0.05" / "final") in messages
 
     with pytest.raises(PreftuneError, match="finished with other keys") as info:
         frontier(_config(tiny_model_dir, out, common={"max_steps": 3, "report_to": "none", "dtype": "float32",
@@ -88,7 +94,8 @@ def test_frontier_cli_and_errors(tiny_model_dir, tmp_path):
     from preftune.cli import app
 
     config = tmp_path / "frontier.yaml"
-    keys = _config(tiny_model_dir, tmp_path / "out", dpo_betas=[], ppo_kl_coefs=[], raft=None, unlikelihood=None)
+    keys = _config(tiny_model_dir, tmp_path / "out", dpo_betas=[], ppo_kl_coefs=[], grpo_kl_coefs=[], online_dpo_betas=[],
+                   raft=None, unlikelihood=None)
     config.write_text(yaml.safe_dump(keys))
     result = CliRunner().invoke(app, ["experiment", "frontier", str(config), "--rloo_kl_coefs", "[0.0, 0.5]"])
     assert result.exit_code == 0, result.output

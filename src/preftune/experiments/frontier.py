@@ -7,10 +7,11 @@ reward at a small KL(pi || pi_ref), so its points lie up and to the left. The ex
 1. preference data: ``preferences`` when given; else ``preference_samples`` completions per train prompt
    from the SFT model, scored by the ground-truth reward, the best and the worst of each prompt making
    one pair (prompts whose completions all tie are dropped, counted);
-2. training, each run in ``OUTPUT_DIR/runs/NAME`` from the SFT model: DPO at each of ``dpo_betas``, PPO
-   and RLOO at each of their KL coefficients (online, against the ground-truth reward itself), RAFT,
-   and the unlikelihood baseline (DPO family, ``loss: unlikelihood``); a run whose ``final/`` exists is
-   skipped (an interrupted run resumes from its checkpoints, if it saved any);
+2. training, each run in ``OUTPUT_DIR/runs/NAME`` from the SFT model: DPO at each of ``dpo_betas``, PPO,
+   RLOO and GRPO at each of their KL coefficients (online, against the ground-truth reward itself), online
+   DPO at each of ``online_dpo_betas`` (pairs judged by the same reward, every step), RAFT, and the
+   unlikelihood baseline (DPO family, ``loss: unlikelihood``); a run whose ``final/`` exists is skipped
+   (an interrupted run resumes from its checkpoints, if it saved any);
 3. measurement of each final policy and of the SFT model itself, on the held-out prompts:
    ``eval_samples`` completions per prompt sampled from the policy (the same seeds for every policy),
    the mean ground-truth reward, and the sequence-level KL estimated by those samples,
@@ -36,7 +37,8 @@ from preftune.errors import PreftuneError
 
 @dataclass
 class FrontierConfig(Config):
-    """`preftune experiment frontier`: DPO, PPO, RLOO, RAFT and unlikelihood on one ground-truth reward."""
+    """`preftune experiment frontier`: DPO, PPO, RLOO, GRPO, online DPO, RAFT and unlikelihood on one
+    ground-truth reward."""
 
     @classmethod
     def label(cls) -> str:
@@ -53,10 +55,15 @@ class FrontierConfig(Config):
     dpo_betas: list[float] = opt([0.05, 0.1, 0.5], "one DPO run per beta; [] = none")
     ppo_kl_coefs: list[float] = opt([0.02, 0.05, 0.2], "one PPO run per KL coefficient; [] = none")
     rloo_kl_coefs: list[float] = opt([0.02, 0.05, 0.2], "one RLOO run per KL coefficient; [] = none")
+    grpo_kl_coefs: list[float] = opt([0.04], "one GRPO run per KL coefficient (its k3 term in the loss; 0 = no "
+                                     "KL term); [] = none")
+    online_dpo_betas: list[float] = opt([0.1], "one online-DPO run per beta; [] = none")
     common: dict[str, Any] = opt({}, "keys given to every training run (max_steps, learning_rate, dtype, ...)")
     dpo: dict[str, Any] = opt({}, "keys of the DPO runs (and of the unlikelihood run)")
     ppo: dict[str, Any] = opt({}, "keys of the PPO runs")
     rloo: dict[str, Any] = opt({}, "keys of the RLOO runs")
+    grpo: dict[str, Any] = opt({}, "keys of the GRPO runs")
+    online_dpo: dict[str, Any] = opt({}, "keys of the online-DPO runs")
     raft: dict[str, Any] | None = opt({}, "keys of the RAFT run; null = no RAFT run")
     unlikelihood: dict[str, Any] | None = opt({}, "keys of the unlikelihood run (over `dpo`); null = none")
     max_new_tokens: int = opt(32, "completion length for preference sampling, online training and measurement")
@@ -76,15 +83,16 @@ class FrontierConfig(Config):
         require(self, "preference_samples", self.preference_samples >= 2, "must be >= 2 (best vs worst)")
         require(self, "temperature", self.temperature > 0, "must be > 0")
         require(self, "max_new_tokens", self.max_new_tokens < self.max_length, "must be < max_length")
-        for key in ("dpo_betas", "ppo_kl_coefs", "rloo_kl_coefs"):
+        for key in ("dpo_betas", "ppo_kl_coefs", "rloo_kl_coefs", "grpo_kl_coefs", "online_dpo_betas"):
             require(self, key, all(v >= 0 for v in getattr(self, key)), "must hold numbers >= 0")
-        require(self, "dpo_betas", all(v > 0 for v in self.dpo_betas), "must hold numbers > 0")
+        for key in ("dpo_betas", "online_dpo_betas"):
+            require(self, key, all(v > 0 for v in getattr(self, key)), "must hold numbers > 0")
 
 
 @dataclass
 class Run:
     name: str            # directory under OUTPUT_DIR/runs and label in the plot
-    method: str          # sft (not trained), dpo, unlikelihood, ppo, rloo, raft
+    method: str          # sft (not trained), dpo, unlikelihood, ppo, rloo, grpo, online-dpo, raft
     command: str         # the `train` command (dpo for unlikelihood)
     param: str | None    # the swept key (beta, kl_coef) or None
     value: float | None
@@ -98,9 +106,12 @@ def plan_runs(config: FrontierConfig) -> list[Run]:
               "template": config.template, "max_length": config.max_length}
     runs = [Run(f"dpo-beta{b:g}", "dpo", "dpo", "beta", b, {**shared, **config.dpo, "loss": "dpo", "beta": b})
             for b in config.dpo_betas]
-    for method, coefs, keys in (("ppo", config.ppo_kl_coefs, config.ppo), ("rloo", config.rloo_kl_coefs, config.rloo)):
+    for method, coefs, keys in (("ppo", config.ppo_kl_coefs, config.ppo), ("rloo", config.rloo_kl_coefs, config.rloo),
+                                ("grpo", config.grpo_kl_coefs, config.grpo)):
         runs += [Run(f"{method}-kl{c:g}", method, method, "kl_coef", c, {**shared, **online, **keys, "kl_coef": c})
                  for c in coefs]
+    runs += [Run(f"online-dpo-beta{b:g}", "online-dpo", "online-dpo", "beta", b,
+                 {**shared, **online, **config.online_dpo, "beta": b}) for b in config.online_dpo_betas]
     if config.raft is not None:
         runs.append(Run("raft", "raft", "raft", None, None, {**shared, **online, **config.raft}))
     if config.unlikelihood is not None:
