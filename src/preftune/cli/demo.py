@@ -28,7 +28,11 @@ def demo(
                                       "EM finds them, pooled vs MaxMin RLOO, pooled vs group-robust DPO, judged "
                                       "under each group (stages: corpus, base, sft, preferences, mixture, reward, "
                                       "pooled_rloo, maxmin_rloo, pooled_dpo, grdpo, evaluate, report; "
-                                      "docs/diverse.md). It reuses the default's cached base and SFT models."),
+                                      "docs/diverse.md). rounds: offline vs online vs iterative DPO (3 rounds) vs "
+                                      "GRPO, RLOO, PPO on one learned reward model and the reward-vs-KL frontier "
+                                      "(stages: corpus, base, sft, preferences, reward, dpo, online_dpo, iterative_dpo, "
+                                      "grpo, rloo, ppo, evaluate, frontier, report; docs/rounds.md). Both reuse the default's cached base and "
+                                      "SFT models."),
 ) -> None:
     """Preference tuning end to end on Shakespeare, offline, on a CPU: a base model trained from scratch,
     SFT, simulated annotators, a reward model, DPO, ORPO, PPO and RLOO, and a report comparing them with SFT.
@@ -41,10 +45,14 @@ def demo(
     settings = scenario_preset(scenario, quick)
     if fresh and output.exists():
         shutil.rmtree(output)
-    if scenario == "groups":
-        from preftune.experiments.demo.groups import GroupsDemo, summary_lines
-
-        summary = GroupsDemo(output, settings, cache_dir=cache_dir, log=lambda message: console.print(
+    if scenario in ("groups", "rounds"):
+        if scenario == "groups":
+            from preftune.experiments.demo.groups import GroupsDemo as Scenario
+            from preftune.experiments.demo.groups import summary_lines
+        else:
+            from preftune.experiments.demo.rounds import RoundsDemo as Scenario  # type: ignore[assignment]
+            from preftune.experiments.demo.rounds_report import summary_lines  # type: ignore[assignment]
+        summary = Scenario(output, settings, cache_dir=cache_dir, log=lambda message: console.print(
             f"[bold cyan]demo[/] {message}", highlight=False, soft_wrap=True)).run(until=until)
         if summary is not None:
             for line in ["", *summary_lines(summary),

@@ -88,6 +88,8 @@ class IterateConfig(Config):
                                   "model) for a mean-reward column; null = none")
     eval_samples: int = opt(4, "completions per eval prompt from SFT and from each round's model", ge=1)
     max_new_tokens: int = opt(64, "completion length in tokens (sampling, online training, evaluation)", ge=1)
+    min_new_tokens: int = opt(0, "completions of the rounds and of the evaluation have at least this many tokens "
+                              "(EOS is held back until then); 0 = none. Empty completions are never paired", ge=0)
     max_length: int = opt(512, "prompt + completion tokens at most (training's default; the KL's prompts are "
                           "cut from the left)", ge=2)
     temperature: float = opt(1.0, "sampling temperature of the rounds' and the evaluation's completions", gt=0)
@@ -453,8 +455,8 @@ class _Run:
 
         c = self.config
         model, tokenizer = self.model(path)
-        settings = GenerationSettings(temperature=c.temperature, max_new_tokens=c.max_new_tokens, seed=seed,
-                                      template=c.template)
+        settings = GenerationSettings(temperature=c.temperature, max_new_tokens=c.max_new_tokens,
+                                      min_new_tokens=c.min_new_tokens, seed=seed, template=c.template)
         return generate_completions(model, tokenizer, prompts, num=num, settings=settings,
                                     batch_size=c.generation_batch_size, model_name=name)
 

@@ -26,8 +26,6 @@ preftune's own commands or functions, run the way a user would run them:
 
 from __future__ import annotations
 
-import hashlib
-import shutil
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -40,14 +38,13 @@ from preftune.experiments.demo.groups_reward import GROUND_TRUTHS, MAJORITY, MIN
 from preftune.experiments.demo.pipeline import (
     Demo,
     MethodRecipe,
-    _hash,
     _label_stats,
     _mean,
     _pairs_per_prompt,
     _read_lines,
     _warmup,
 )
-from preftune.experiments.demo.settings import RECIPE_VERSION, GroupsSettings
+from preftune.experiments.demo.settings import GroupsSettings
 
 
 @dataclass(frozen=True)
@@ -90,7 +87,7 @@ class GroupsDemo(Demo):
         self.settings: GroupsSettings = settings
         self.table = METHODS  # the methods' recipes and titles (the report reads them here)
         self.stages = [
-            ("corpus", self.stage_corpus), ("base", self.stage_base), ("sft", self.stage_sft),
+            ("corpus", self.stage_corpus), ("base", self.stage_base), ("sft", self.stage_sft_cached),
             ("preferences", self.stage_preferences), ("mixture", self.stage_mixture), ("reward", self.stage_reward),
             *((m, self._method_stage(m)) for m in settings.methods),
             ("evaluate", self.stage_evaluate), ("report", self.stage_report),
@@ -101,24 +98,6 @@ class GroupsDemo(Demo):
 
         s = self.settings
         return make_panel(s.group_annotators, s.annotator_temperatures, seed=s.seed + s.panel_seed_offset)
-
-    # ------------------------------------------------------------------------------------------ 3. sft (cached)
-    def sft_dir(self) -> Path:
-        data = hashlib.sha256((self.out / "data" / "sft.jsonl").read_bytes()).hexdigest()
-        key = _hash({"base": self.base_dir().name, "data": data, "recipe": self.settings.sft_recipe(),
-                     "version": RECIPE_VERSION})
-        return self.cache / "demo-sft" / key
-
-    def stage_sft(self) -> dict[str, Any]:
-        root = self.sft_dir()
-        final = root / "final"
-        cached = (final / "config.json").is_file()
-        if cached:
-            self.log(f"SFT model: reusing {final} (cached by the hash of the base model, the data and the recipe)")
-        else:
-            self.train_sft(root)
-            shutil.rmtree(root / "checkpoints", ignore_errors=True)
-        return {"model": str(final), "cached": cached}
 
     # ------------------------------------------------------------------------------------------ 4. preferences
     def stage_preferences(self) -> dict[str, Any]:

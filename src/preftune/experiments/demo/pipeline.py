@@ -20,6 +20,7 @@ the hash of the corpus and its recipe, so a new run directory reuses it.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -73,6 +74,8 @@ def default_cache_dir() -> Path:
 
 class Demo:
     """One demo run in ``output`` with ``settings``; ``run()`` executes the stages not yet finished."""
+
+    recipes: dict[str, MethodRecipe] = METHODS  # the methods this scenario can train (settings.methods)
 
     def __init__(self, output: str | Path, settings: DemoSettings, *, cache_dir: str | Path | None = None,
                  log: Callable[[str], None] | None = None) -> None:
@@ -220,6 +223,26 @@ class Demo:
                            learning_rate=s.sft_learning_rate, batch_size=s.sft_batch_size, max_steps=s.sft_steps,
                            max_length=s.max_length, warmup_steps=_warmup(s.sft_steps, s.warmup_fraction))
 
+    def sft_cache_dir(self) -> Path:
+        """``$PREFTUNE_CACHE/demo-sft/HASH``: the SFT model of the other scenarios, keyed by the base model,
+        the SFT data and the SFT settings (the default scenario trains its own in its run directory)."""
+        data = hashlib.sha256((self.out / "data" / "sft.jsonl").read_bytes()).hexdigest()
+        key = _hash({"base": self.base_dir().name, "data": data, "recipe": self.settings.sft_recipe(),
+                     "version": RECIPE_VERSION})
+        return self.cache / "demo-sft" / key
+
+    def stage_sft_cached(self) -> dict[str, Any]:
+        """The SFT stage of the other scenarios: the default's SFT run, cached (``sft_cache_dir``)."""
+        root = self.sft_cache_dir()
+        final = root / "final"
+        cached = (final / "config.json").is_file()
+        if cached:
+            self.log(f"SFT model: reusing {final} (cached by the hash of the base model, the data and the recipe)")
+        else:
+            self.train_sft(root)
+            shutil.rmtree(root / "checkpoints", ignore_errors=True)
+        return {"model": str(final), "cached": cached}
+
     # ------------------------------------------------------------------------------------------ 4. preferences
     def stage_preferences(self) -> dict[str, Any]:
         from preftune.experiments.demo.reward import (
@@ -280,9 +303,9 @@ class Demo:
 
     # ------------------------------------------------------------------------------------------ 6. methods
     def _method_stage(self, method: str) -> Callable[[], dict[str, Any]]:
-        if method not in METHODS:
+        if method not in self.recipes:
             raise PreftuneError(f"the demo has no recipe for method {method!r}", field="methods",
-                                hint=f"methods: {', '.join(METHODS)}")
+                                hint=f"methods: {', '.join(self.recipes)}")
 
         def stage() -> dict[str, Any]:
             return {"model": str(self.train_method(method))}
@@ -290,7 +313,7 @@ class Demo:
 
     def method_keys(self, method: str) -> dict[str, Any]:
         """The `preftune train` keys of ``method``: those of its kind, then its own from the settings."""
-        s, recipe = self.settings, METHODS[method]
+        s, recipe = self.settings, self.recipes[method]
         sft = self.marker("sft")["model"]
         if recipe.online:  # RLHF proper: the policy is scored by the learned reward model, never the ground truth
             common = {"model": sft, "data": str(self.out / "data" / "preference_prompts.txt"),
@@ -307,7 +330,7 @@ class Demo:
         return {**common, **recipe.keys(s)}
 
     def train_method(self, method: str) -> Path:
-        recipe = METHODS[method]
+        recipe = self.recipes[method]
         return self._train(recipe.command, self.out / method, online=recipe.online, **self.method_keys(method))
 
     # ------------------------------------------------------------------------------------------ 7. evaluate

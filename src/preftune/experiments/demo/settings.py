@@ -175,9 +175,52 @@ GROUPS = _groups(DEFAULT, pref_epochs=1.0)
 
 GROUPS_QUICK = _groups(QUICK, group_annotators=(4, 1), em_iterations=2)
 
+@dataclass(frozen=True)
+class RoundsSettings(DemoSettings):
+    """``preftune demo --scenario rounds``: offline DPO against DPO on the policy's own samples (online DPO,
+    every step; iterative DPO, in rounds) and against GRPO, RLOO and PPO, all judged by the same learned reward
+    model. The corpus, base model, SFT model,
+    preference data and reward model are the default scenario's recipe (the base and SFT models are shared)."""
+
+    methods: tuple[str, ...] = ("dpo", "online_dpo", "iterative_dpo", "grpo", "rloo", "ppo")  # see rounds.METHODS
+    # online DPO: num_samples completions per prompt each step, the reward model's best vs worst
+    online_dpo_steps: int = 96
+    online_dpo_num_samples: int = 4
+    online_dpo_beta: float = 0.3
+    online_dpo_learning_rate: float = 2e-4
+    # iterative DPO (`preftune iterate`): rounds over fresh slices of the preference prefixes
+    rounds: int = 3
+    round_prompts: int = 200               # prefixes per round (round r takes the r-th slice)
+    round_samples: int = 4                 # completions per prefix from model r - 1; the reward model's best vs worst
+    round_epochs: float = 2.0
+    round_eval_prompts: int = 40           # held-out prefixes for each round's win rate and KL against SFT
+    # GRPO (K = rl_num_samples; the KL as a k3 term in the loss)
+    grpo_learning_rate: float = 3e-4
+    grpo_kl_coef: float = 0.04
+    # frontier: ground-truth reward and KL to SFT of every model on the held-out prefixes
+    frontier_samples: int = 2
+
+    @property
+    def fingerprint(self) -> str:
+        text = json.dumps({**self.to_dict(), "recipe": RECIPE_VERSION, "scenario": "rounds"}, sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def _rounds(base: DemoSettings, **changes: Any) -> RoundsSettings:
+    shared = {f.name: getattr(base, f.name) for f in fields(DemoSettings) if f.name != "methods"}
+    return RoundsSettings(**{**shared, **changes})
+
+
+ROUNDS = _rounds(DEFAULT)
+
+ROUNDS_QUICK = _rounds(QUICK, online_dpo_steps=4, online_dpo_num_samples=2, rounds=2, round_prompts=12, round_samples=2,
+                       round_epochs=1.0, round_eval_prompts=4, frontier_samples=1)
+
 SCENARIOS = {"default": "the course's preference: one panel, DPO, ORPO, PPO and RLOO against SFT (docs/demo.md)",
              "groups": "two groups of annotators (80% / 20%) who want different things: EM finds them, pooled "
-                       "vs MaxMin RLOO, pooled vs group-robust DPO, judged under each group (docs/diverse.md)"}
+                       "vs MaxMin RLOO, pooled vs group-robust DPO, judged under each group (docs/diverse.md)",
+             "rounds": "offline DPO vs online DPO vs iterative DPO (3 rounds) vs GRPO, RLOO and PPO on one learned "
+                       "reward model: win rates and the reward-vs-KL frontier (docs/rounds.md)"}
 
 
 def scenario_preset(scenario: str, quick: bool) -> DemoSettings:
@@ -187,4 +230,6 @@ def scenario_preset(scenario: str, quick: bool) -> DemoSettings:
                             hint=f"scenarios: {', '.join(SCENARIOS)}")
     if scenario == "groups":
         return GROUPS_QUICK if quick else GROUPS
+    if scenario == "rounds":
+        return ROUNDS_QUICK if quick else ROUNDS
     return preset(quick)
