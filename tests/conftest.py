@@ -37,3 +37,16 @@ def float64_model_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFac
     AutoModelForCausalLM.from_pretrained(tiny_model_dir).to(torch.float64).save_pretrained(out)
     AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module that trains the tiny model: the 64-dim model gains nothing from more,
+    and on a busy 2-core machine two spinning OpenMP threads made those runs 10-20x slower. A module uses it
+    with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -7,7 +7,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 from preftune.errors import PreftuneError
 from preftune.experiments.frontier import FrontierConfig, frontier, plan_runs
@@ -15,12 +14,7 @@ from preftune.experiments.frontier import FrontierConfig, frontier, plan_runs
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: one intra-op thread
 
 
 def _config(model: Path, out: Path, **keys) -> dict:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -27,6 +26,7 @@ from preftune.errors import PreftuneError
 from preftune.train import resolve_config
 from preftune.train.grpo import GRPOMethod, group_relative_advantages, grpo_loss
 from preftune.train.loop import read_metrics, train
+from run_helpers import interrupt_at
 
 PROMPTS = ["Shall I compare thee to a summer's day?", "To be, or not to be, that is the question:",
            "The quick brown fox jumps over the lazy dog.", "Please write a short poem about the sea.",
@@ -37,13 +37,7 @@ HELDOUT = ["Thou art more lovely and more temperate:", "Whether 'tis nobler in t
 EPS = 1e-4  # the advantage's std epsilon
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: the 64-dim model gains nothing from more (see test_train_online.py)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: one intra-op thread
 
 
 def letters(prompt: str, completion: str) -> float:
@@ -342,17 +336,6 @@ def test_batch8_accum1_equals_batch1_accum8(loss_type, float64_model_dir, tmp_pa
         torch.testing.assert_close(w8[key], w1[key], rtol=0, atol=1e-10, msg=key)
 
 
-def _interrupt_at(method, at: int):
-    """``method`` with a real SIGINT (Ctrl-C) sent to this process while it prepares step ``at`` (0-based)."""
-    prepare = method.before_step
-
-    def before_step(model, step):
-        if step == at:
-            os.kill(os.getpid(), signal.SIGINT)
-        return prepare(model, step)
-
-    method.before_step = before_step
-    return method
 
 
 def test_resume_in_the_middle_of_a_rollout_is_exact(tiny_model_dir, tmp_path):
@@ -367,7 +350,7 @@ def test_resume_in_the_middle_of_a_rollout_is_exact(tiny_model_dir, tmp_path):
     train(GRPOMethod(prompts=PROMPTS, reward_fn=space_count), resolve_config("grpo", keys))
     resumed = {**keys, "output_dir": str(tmp_path / "resumed")}
     with pytest.raises(KeyboardInterrupt):
-        train(_interrupt_at(GRPOMethod(prompts=PROMPTS, reward_fn=space_count), 2), resolve_config("grpo", resumed))
+        train(interrupt_at(GRPOMethod(prompts=PROMPTS, reward_fn=space_count), 2), resolve_config("grpo", resumed))
     assert (tmp_path / "resumed" / "checkpoints" / "step-3" / "method_state_0.pt").is_file()
     train(GRPOMethod(prompts=PROMPTS, reward_fn=space_count), resolve_config("grpo", resumed))
 

@@ -20,12 +20,7 @@ REPO = Path(__file__).resolve().parents[1]
 LETTERS = f"{REPO / 'examples/rewards.py'}:letters"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: one intra-op thread
 
 
 def _config(model: Path, out: Path, **keys) -> dict:

@@ -10,8 +10,6 @@ uses the starting policy's statistics, the metrics are logged and agree with the
 from __future__ import annotations
 
 import json
-import os
-import signal
 from pathlib import Path
 
 import pytest
@@ -21,6 +19,7 @@ from preftune.errors import PreftuneError
 from preftune.train import resolve_config
 from preftune.train.loop import read_metrics, train
 from preftune.train.rloo import RLOOMethod
+from run_helpers import interrupt_at
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPTS = ["Shall I compare thee to a summer's day?", "To be, or not to be, that is the question:",
@@ -37,12 +36,7 @@ def spaces(prompt, completion):  # on another scale on purpose: 10 x the share o
 '''
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: one intra-op thread
 
 
 @pytest.fixture
@@ -229,17 +223,6 @@ def test_rewards_are_standardised_with_the_starting_policys_statistics(tiny_mode
     assert not any(k.startswith("maxmin/") for k in records[0])  # mean: no group is chosen
 
 
-def _interrupt_at(method, at: int):
-    """``method`` with a real SIGINT (Ctrl-C) sent while it prepares step ``at`` (as in test_train_online)."""
-    prepare = method.before_step
-
-    def before_step(model, step):
-        if step == at:
-            os.kill(os.getpid(), signal.SIGINT)
-        return prepare(model, step)
-
-    method.before_step = before_step
-    return method
 
 
 def test_maxmin_rloo_logs_the_chosen_group_and_resumes_exactly(tiny_model_dir, tmp_path, reward_file, monkeypatch):
@@ -283,7 +266,7 @@ def test_maxmin_rloo_logs_the_chosen_group_and_resumes_exactly(tiny_model_dir, t
 
     resumed = {**keys, "output_dir": str(tmp_path / "resumed")}
     with pytest.raises(KeyboardInterrupt):
-        train(_interrupt_at(RLOOMethod(prompts=PROMPTS), 2), resolve_config("rloo", resumed))
+        train(interrupt_at(RLOOMethod(prompts=PROMPTS), 2), resolve_config("rloo", resumed))
     assert (tmp_path / "resumed" / "checkpoints" / "step-3" / "method_state_0.pt").is_file()
 
     def refuse(*args, **kwargs):

@@ -5,9 +5,7 @@ with opposing preferences from a random start; exact resume mid-EM; outputs that
 from __future__ import annotations
 
 import json
-import os
 import random
-import signal
 from pathlib import Path
 
 import pytest
@@ -29,6 +27,7 @@ from preftune.train import method_spec, run
 from preftune.train.loop import read_metrics, train
 from preftune.train.reward import RewardConfig, RewardMethod
 from preftune.train.reward_mixture import RewardMixtureMethod
+from run_helpers import interrupt_at
 
 # ------------------------------------------------------------------------------------------------ the math by hand
 
@@ -177,17 +176,6 @@ def test_em_recovers_the_groups_from_a_random_start(small_model, tmp_path):
         assert (sun > moon) == (group == "A")
 
 
-def _interrupt_at(method, at: int):
-    """``method`` with a real SIGINT (Ctrl-C) sent while it prepares step ``at`` (0-based)."""
-    prepare = method.before_step
-
-    def before_step(model, step):
-        if step == at:
-            os.kill(os.getpid(), signal.SIGINT)
-        return prepare(model, step)
-
-    method.before_step = before_step
-    return method
 
 
 def test_resume_mid_em_is_exact(small_model, tmp_path):
@@ -201,7 +189,7 @@ def test_resume_mid_em_is_exact(small_model, tmp_path):
     train(RewardMixtureMethod(), from_mapping(RewardConfig, keys(small_model, data, tmp_path / "straight", **common)))
     resumed = from_mapping(RewardConfig, keys(small_model, data, tmp_path / "resumed", **common))
     with pytest.raises(KeyboardInterrupt):
-        train(_interrupt_at(RewardMixtureMethod(), 5), resumed)
+        train(interrupt_at(RewardMixtureMethod(), 5), resumed)
     checkpoint = tmp_path / "resumed" / "checkpoints" / "step-6"
     assert any(p.name.startswith("method_state_0") for p in checkpoint.iterdir())  # the EM state
     assert len(em_rows(tmp_path / "resumed")) == 1

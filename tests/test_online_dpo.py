@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import signal
 from pathlib import Path
 
 import pytest
@@ -30,6 +28,7 @@ from preftune.train.online_dpo import (
     round_robin,
     tournament_points,
 )
+from run_helpers import interrupt_at
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPTS = ["Shall I compare thee to a summer's day?", "To be, or not to be, that is the question:",
@@ -40,13 +39,7 @@ HELDOUT = ["Thou art more lovely and more temperate:", "Whether 'tis nobler in t
            "Question: what is two plus two? Answer:", "The slings and arrows of outrageous fortune,"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: the 64-dim model gains nothing from more (see test_train_online.py)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: one intra-op thread
 
 
 def letters(prompt: str, completion: str) -> float:
@@ -273,17 +266,6 @@ def test_online_dpo_raises_the_reward_and_writes_its_pairs(tiny_model_dir, tmp_p
         assert p["score_chosen"] == pytest.approx(letters("", p["chosen"]), abs=1e-6)
 
 
-def _interrupt_at(method, at: int):
-    """``method`` with a real SIGINT (Ctrl-C) sent to this process while it prepares step ``at`` (0-based)."""
-    prepare = method.before_step
-
-    def before_step(model, step):
-        if step == at:
-            os.kill(os.getpid(), signal.SIGINT)
-        return prepare(model, step)
-
-    method.before_step = before_step
-    return method
 
 
 def test_resume_in_the_middle_of_a_rollout_is_exact_and_truncates_pairs(tiny_model_dir, tmp_path):
@@ -298,7 +280,7 @@ def test_resume_in_the_middle_of_a_rollout_is_exact_and_truncates_pairs(tiny_mod
     train(OnlineDPOMethod(prompts=PROMPTS, reward_fn=letters), resolve_config("online-dpo", keys))
     resumed = {**keys, "output_dir": str(tmp_path / "resumed")}
     with pytest.raises(KeyboardInterrupt):
-        train(_interrupt_at(OnlineDPOMethod(prompts=PROMPTS, reward_fn=letters), 2),
+        train(interrupt_at(OnlineDPOMethod(prompts=PROMPTS, reward_fn=letters), 2),
               resolve_config("online-dpo", resumed))
     assert (tmp_path / "resumed" / "checkpoints" / "step-3" / "method_state_0.pt").is_file()
     pairs = tmp_path / "resumed" / "pairs.jsonl"

@@ -19,7 +19,6 @@ import signal
 from pathlib import Path
 
 import pytest
-import torch
 
 from preftune.errors import PreftuneError
 from preftune.experiments.overoptimization import (
@@ -45,12 +44,7 @@ HELDOUT = ["Thou art more lovely and more temperate:", "Whether 'tis nobler in t
            "Question: what is two plus two? Answer:", "The slings and arrows of outrageous fortune,"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: one intra-op thread
 
 
 def _keys(model: Path, out: Path, **keys) -> dict:

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import signal
 from pathlib import Path
 
 import pytest
@@ -24,6 +22,7 @@ from preftune.train.loop import read_metrics, train
 from preftune.train.ppo import PPOMethod
 from preftune.train.raft import RAFTMethod
 from preftune.train.rloo import RLOOMethod
+from run_helpers import interrupt_at
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPTS = ["Shall I compare thee to a summer's day?", "To be, or not to be, that is the question:",
@@ -35,14 +34,7 @@ HELDOUT = ["Thou art more lovely and more temperate:", "Whether 'tis nobler in t
 METHODS = {"ppo": PPOMethod, "rloo": RLOOMethod, "raft": RAFTMethod}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: the 64-dim model gains nothing from more, and on a busy 2-core machine two
-    spinning OpenMP threads made these runs 10-20x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: one intra-op thread
 
 
 def letters(prompt: str, completion: str) -> float:
@@ -202,17 +194,6 @@ def test_adaptive_kl_coefficient_follows_the_controller(tiny_model_dir, tmp_path
     assert max(kls) > 2.0 and betas[-1] > min(betas)
 
 
-def _interrupt_at(method, at: int):
-    """``method`` with a real SIGINT (Ctrl-C) sent to this process while it prepares step ``at`` (0-based)."""
-    prepare = method.before_step
-
-    def before_step(model, step):
-        if step == at:
-            os.kill(os.getpid(), signal.SIGINT)
-        return prepare(model, step)
-
-    method.before_step = before_step
-    return method
 
 
 def test_resume_in_the_middle_of_a_rollout_is_exact(tiny_model_dir, tmp_path):
@@ -228,7 +209,7 @@ def test_resume_in_the_middle_of_a_rollout_is_exact(tiny_model_dir, tmp_path):
     train(PPOMethod(prompts=PROMPTS, reward_fn=letters), resolve_config("ppo", keys))
     resumed = {**keys, "output_dir": str(tmp_path / "resumed")}
     with pytest.raises(KeyboardInterrupt):
-        train(_interrupt_at(PPOMethod(prompts=PROMPTS, reward_fn=letters), 2), resolve_config("ppo", resumed))
+        train(interrupt_at(PPOMethod(prompts=PROMPTS, reward_fn=letters), 2), resolve_config("ppo", resumed))
     assert (tmp_path / "resumed" / "checkpoints" / "step-3" / "method_state_0.pt").is_file()
     train(PPOMethod(prompts=PROMPTS, reward_fn=letters), resolve_config("ppo", resumed))
 
