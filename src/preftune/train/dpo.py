@@ -151,14 +151,11 @@ class DPOMethod(OfflineMethod):
 
     # ------------------------------------------------------------------------------------------ setup
     def setup(self, ctx: RunContext) -> None:
-        import gc
-
-        import torch
-
         from preftune.core.logprobs import fused_lm_head_applies
         from preftune.core.losses import LOSSES
         from preftune.models import load_policy, load_tokenizer
         from preftune.models.load import build_reference
+        from preftune.train import refcache
         from preftune.train.data import load_preference_items
 
         config: DPOConfig = ctx.config
@@ -185,28 +182,17 @@ class DPOMethod(OfflineMethod):
         self.ref_model = build_reference(self.model, ref_model=config.ref_model, lora=config.lora, dtype=config.dtype,
                                          tokenizer=self.tokenizer, trust_remote_code=config.trust_remote_code)
         if config.precompute_ref_logps:
-            for name, items in (("train", self.train_items), ("eval", self.eval_items)):
-                if items:
-                    self.ref_hits[name] = self._precompute(items, name=name, log=ctx.log)
+            self.ref_hits = refcache.precompute_splits((("train", self.train_items), ("eval", self.eval_items)),
+                                                       self._precompute, ctx.log)
             self.ref_model = None  # every pair now carries its reference log-probs
-            gc.collect()
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
         elif self.ref_model is not None:
             self.ref_model.to(ctx.accelerator.device)
 
     def _reference_logps(self, model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Summed reference log-probs [2B] of a batch, without gradients."""
-        import torch
+        from preftune.train.refcache import reference_logps
 
-        from preftune.core.logprobs import batch_logps
-        from preftune.models import adapter_disabled
-
-        with torch.no_grad():
-            if self.ref_model is not None:
-                return batch_logps(self.ref_model, batch, fused=self.fused_lm_head)[0]
-            with adapter_disabled(model) as base:
-                return batch_logps(base, batch, fused=self.fused_lm_head)[0]
+        return reference_logps(model, self.ref_model, batch, fused=self.fused_lm_head)
 
     def _precompute(self, items: list[Any], *, name: str, log: Any) -> bool:
         """Reference log-probs of ``items`` from the disk cache, or one no-grad pass that fills it."""

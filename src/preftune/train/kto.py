@@ -283,12 +283,9 @@ class KTOMethod(OfflineMethod):
 
     # ------------------------------------------------------------------------------------------ setup
     def setup(self, ctx: RunContext) -> None:
-        import gc
-
-        import torch
-
         from preftune.models import load_policy, load_tokenizer
         from preftune.models.load import build_reference
+        from preftune.train import refcache
 
         config: KTOConfig = ctx.config
         self.config, self.accelerator = config, ctx.accelerator
@@ -307,28 +304,17 @@ class KTOMethod(OfflineMethod):
         self.ref_model = build_reference(self.model, ref_model=config.ref_model, lora=config.lora, dtype=config.dtype,
                                          tokenizer=self.tokenizer, trust_remote_code=config.trust_remote_code)
         if config.precompute_ref_logps:
-            for name, items in (("train", self.train_items), ("eval", self.eval_items)):
-                if items:
-                    self.ref_hits[name] = self._precompute(items, name=name, log=ctx.log)
+            self.ref_hits = refcache.precompute_splits((("train", self.train_items), ("eval", self.eval_items)),
+                                                       self._precompute, ctx.log)
             self.ref_model = None  # every example now carries its reference log-probs
-            gc.collect()
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
         elif self.ref_model is not None:
             self.ref_model.to(ctx.accelerator.device)
 
     def _reference_logps(self, model: Any, rows: dict[str, torch.Tensor]) -> torch.Tensor:
         """Summed reference log-probs [B] of ``rows`` (input_ids, attention_mask, labels), without gradients."""
-        import torch
+        from preftune.train.refcache import reference_logps
 
-        from preftune.core.logprobs import batch_logps
-        from preftune.models import adapter_disabled
-
-        with torch.no_grad():
-            if self.ref_model is not None:
-                return batch_logps(self.ref_model, rows)[0]
-            with adapter_disabled(model) as base:
-                return batch_logps(base, rows)[0]
+        return reference_logps(model, self.ref_model, rows)
 
     def _precompute(self, items: list[Any], *, name: str, log: Any) -> bool:
         """Both reference log-probs of every item from the disk cache, or one no-grad pass that fills it."""

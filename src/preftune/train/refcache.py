@@ -158,3 +158,29 @@ def ensure(items: Sequence[Any], *, key: str, directory: Path,
         save(directory, key, *cached, metadata=metadata)
     attach(items, *cached)
     return hit
+
+
+def reference_logps(policy: Any, ref_model: Any, batch: dict[str, torch.Tensor], *, fused: bool = False) -> torch.Tensor:
+    """Summed reference log-probs of a batch's rows, without gradients: ``ref_model`` when there is one,
+    else ``policy`` with its LoRA adapter disabled (the starting model, no extra memory)."""
+    from preftune.core.logprobs import batch_logps
+    from preftune.models import adapter_disabled
+
+    with torch.no_grad():
+        if ref_model is not None:
+            return batch_logps(ref_model, batch, fused=fused)[0]
+        with adapter_disabled(policy) as base:
+            return batch_logps(base, batch, fused=fused)[0]
+
+
+def precompute_splits(splits: Sequence[tuple[str, list[Any]]], precompute: Callable[..., bool],
+                      log: Callable[[str], None]) -> dict[str, bool]:
+    """Run ``precompute(items, name=, log=)`` for each non-empty split (train, eval) and free the memory the
+    reference held (the caller drops its reference model): split -> whether it came from the cache."""
+    import gc
+
+    hits = {name: precompute(items, name=name, log=log) for name, items in splits if items}
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return hits
