@@ -249,9 +249,6 @@ class GroupsDemo(Demo):
         profiles = {name: _profile(read_records(path)) for name, path in files.items()}
         return {"results": results, "profiles": profiles, "files": {k: str(v) for k, v in files.items()}}
 
-    def models(self) -> dict[str, str]:
-        return {"sft": self.marker("sft")["model"], **{m: self.marker(m)["model"] for m in self.settings.methods}}
-
     # ------------------------------------------------------------------------------------------ 12. report
     def stage_report(self) -> dict[str, Any]:
         from preftune.experiments.demo.groups_report import write_groups_report

@@ -152,10 +152,7 @@ class RoundsDemo(Demo):
         write_jsonl(self.out / "eval" / "frontier.jsonl", points)
         return {"points": points, "plot": str(plot)}
 
-    # ------------------------------------------------------------------------------------------ 13. report
-    def models(self) -> dict[str, str]:
-        return {"sft": self.marker("sft")["model"], **{m: self.marker(m)["model"] for m in self.settings.methods}}
-
+    # ------------------------------------------------------------------------------------------ 12. report
     def stage_report(self) -> dict[str, Any]:
         from preftune.experiments.demo.rounds_report import write_rounds_report
 
