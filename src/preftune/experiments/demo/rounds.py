@@ -17,7 +17,7 @@ arrow is one of preftune's own commands or functions, run the way a user would r
 8. iterative_dpo    `preftune iterate`: rounds of (sample with model r - 1, label with the reward model,
                     DPO from model r - 1), each round evaluated against SFT under the ground truth
 9. grpo, rloo, ppo  online RL against the same reward model (`train grpo | rloo | ppo`)
-10. evaluate          A/B/C completions per held-out prefix from every model; `compare` against SFT under the
+10. evaluate        A/B/C completions per held-out prefix from every model; `compare` against SFT under the
                     ground truth and under the reward model (as the default scenario)
 11. frontier        ground-truth reward and KL to SFT of every model (and of each round) on held-out prefixes
 12. report          report.md, report.html, summary.json (``rounds_report.py``)
@@ -110,7 +110,7 @@ class RoundsDemo(Demo):
         rounds = result["rounds"]
         return {"model": rounds[-1]["model"], "rounds": rounds}
 
-    # ------------------------------------------------------------------------------------------ 12. frontier
+    # ------------------------------------------------------------------------------------------ 11. frontier
     def frontier_models(self) -> dict[str, str]:
         """Every model measured on the frontier: SFT, each method's, and each round's of iterative DPO."""
         out = {"sft": self.marker("sft")["model"]}
