@@ -195,6 +195,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--matmul-size", type=int, default=2048, help="side of the square matmuls for the peak")
     ap.add_argument("--profile", type=Path, default=None, help="write a torch.profiler table to this file")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--packing", choices=("shared", "rows", "off"), default="shared",
+                    help="the packing keys: shared = packed rows, a pair's prompt once (the default); "
+                    "rows = packed rows (share_prompt: false); off = padded rows (packing: false)")
+    ap.add_argument("--prompt-len", default="48,80", help="prompt tokens: min,max (uniform)")
+    ap.add_argument("--response-len", default="64,128", help="response tokens: min,max (uniform), each answer")
     ap.add_argument("--fused-lm-head", action="store_true",
                     help="the fused_lm_head key: lm_head applied chunk by chunk, no [B, T, V] logits")
     ap.add_argument("--compare-fused", action="store_true",
@@ -270,7 +275,20 @@ def to_items(pairs: list[Pair]):
                           rejected_labels=[IGNORE_INDEX] * len(p.prompt) + p.rejected) for p in pairs]
 
 
-def dpo_method(model, *, beta: float = 0.1, fused_lm_head: bool = False):
+def _span(text: str) -> tuple[int, int]:
+    lo, hi = (int(x) for x in text.split(","))
+    return lo, hi
+
+
+def computed_positions(batch: dict) -> tuple[int, int]:
+    """(real tokens the forward computes, positions it computes): packed rows count a shared prompt once
+    and only their tails as waste; padded rows count every padded position."""
+    if "pack_index" in batch:
+        return int((batch["pack_index"] >= 0).sum()), batch["pack_index"].numel()
+    return int(batch["attention_mask"].sum()), batch["attention_mask"].numel()
+
+
+def dpo_method(model, *, beta: float = 0.1, fused_lm_head: bool = False, packing: str = "shared"):
     """preftune's DPOMethod holding an in-memory model; what ``setup`` would load from a config."""
     from types import SimpleNamespace
 
@@ -281,6 +299,7 @@ def dpo_method(model, *, beta: float = 0.1, fused_lm_head: bool = False):
     method.tokenizer = SimpleNamespace(pad_token_id=0)
     method.loss_name, method.hparams, method.needs_reference = "dpo", {"beta": beta}, True
     method.fused_lm_head = fused_lm_head
+    method.packing = packing
     return method
 
 
@@ -312,7 +331,7 @@ def to_device(batch: dict, device: str) -> dict:
 def fill_reference_logps(method, items, *, batch_size: int, device: str, autocast_dtype) -> tuple[int, float]:
     """Reference log-probs (the initial model, no grad) written into every item, as the DPO reference
     cache does; returns (tokens, seconds)."""
-    from preftune.core.logprobs import batch_logps
+    from preftune.core.forward import batch_logps
 
     tokens = 0
     method.model.eval()
@@ -327,7 +346,7 @@ def fill_reference_logps(method, items, *, batch_size: int, device: str, autocas
             for i, item in enumerate(chunk):
                 item.ref_chosen_logps = float(logps[i])
                 item.ref_rejected_logps = float(logps[len(chunk) + i])
-            tokens += int(batch["attention_mask"].sum())
+            tokens += computed_positions(batch)[0]
     _sync(device)
     method.model.train()
     return tokens, time.perf_counter() - t0
@@ -364,10 +383,11 @@ def run(args: argparse.Namespace) -> dict[str, float]:
     console.print(f"FLOP count uses N = decoder layers + lm_head = {counts['flop_N']:,} "
                   "(6N per trained token, 2N per reference token)")
 
-    pairs = synthetic_pairs(args.pairs, vocab=args.vocab, prompt_len=(48, 80), response_len=(64, 128),
+    pairs = synthetic_pairs(args.pairs, vocab=args.vocab, prompt_len=_span(args.prompt_len),
+                            response_len=_span(args.response_len),
                             seed=args.seed)
     items = to_items(pairs)
-    method = dpo_method(model, fused_lm_head=args.fused_lm_head)
+    method = dpo_method(model, fused_lm_head=args.fused_lm_head, packing="" if args.packing == "off" else args.packing)
     progress(f"reference pass over {len(items)} pairs ...")
     ref_tokens, ref_time = fill_reference_logps(method, items, batch_size=args.batch_size, device=device,
                                                 autocast_dtype=autocast_dtype)
@@ -402,7 +422,7 @@ def run(args: argparse.Namespace) -> dict[str, float]:
     batches = [next_batch() for _ in range(args.steps)]
     memory = PeakMemory(device)
     memory.start()
-    times, tokens, padded, losses = [], [], [], []
+    times, tokens, padded, losses, sequence_tokens = [], [], [], [], []
     prof = None
     if args.profile is not None:
         from torch.profiler import ProfilerActivity, profile
@@ -416,8 +436,10 @@ def run(args: argparse.Namespace) -> dict[str, float]:
         loss, collated = step(batch)
         _sync(device)
         times.append(time.perf_counter() - t0)
-        tokens.append(int(collated["attention_mask"].sum()))
-        padded.append(collated["attention_mask"].numel())
+        real, positions = computed_positions(collated)
+        tokens.append(real)
+        padded.append(positions)
+        sequence_tokens.append(int(collated["attention_mask"].sum()))
         losses.append(float(loss))
         progress(f"step {len(times)}/{args.steps}: {times[-1] * 1000:,.0f} ms, {tokens[-1]:,} tokens, "
                  f"loss {losses[-1]:.4f}")
@@ -441,12 +463,15 @@ def run(args: argparse.Namespace) -> dict[str, float]:
         ("device / dtype / threads", f"{device} / {args.dtype} / {threads} (from {threads_from})"),
         ("batch (pairs) / sequences per step", f"{args.batch_size} / {2 * args.batch_size}"),
         ("torch.compile / group by length", f"{args.compile} / {args.group_by_length}"),
-        ("fused lm_head", f"{args.fused_lm_head}"),
+        ("fused lm_head / packing", f"{args.fused_lm_head} / {args.packing}"),
+        ("prompt / response tokens (uniform)", f"{args.prompt_len} / {args.response_len}"),
         ("median step time", f"{med * 1000:.1f} ms"),
         ("min / max step time", f"{min(times) * 1000:.1f} / {max(times) * 1000:.1f} ms"),
-        ("tokens per step (median, no padding)", f"{med_tokens:,.0f}"),
-        ("real tokens / padded positions", f"{sum(tokens) / sum(padded):.1%}"),
-        ("trained tokens per second", f"{tok_per_s:,.0f}"),
+        ("tokens per step: in the sequences / computed", f"{statistics.median(sequence_tokens):,.0f} / "
+                                                         f"{med_tokens:,.0f}"),
+        ("real tokens / computed positions", f"{sum(tokens) / sum(padded):.1%}"),
+        ("computed tokens per second", f"{tok_per_s:,.0f}"),
+        ("sequence tokens per second", f"{sum(sequence_tokens) / sum(times):,.0f}"),
         ("peak memory during steps", f"{mem / 2**20:,.0f} MiB"),
         ("model FLOP/s (6N per token)", f"{model_flops / 1e9:,.1f} GFLOP/s"),
         (f"dense matmul peak ({args.matmul_size}^2, best of 12)", f"{peak / 1e9:,.1f} GFLOP/s"),
@@ -458,10 +483,12 @@ def run(args: argparse.Namespace) -> dict[str, float]:
         table.add_row(k, v)
     console.print(table)
     console.print(f"memory: {memory.how}")
-    console.print(f"summary: {med * 1000:.0f} ms/step, {tok_per_s:,.0f} tok/s, "
+    console.print(f"summary: {med * 1000:.0f} ms/step, {sum(sequence_tokens) / sum(times):,.0f} sequence tok/s "
+                  f"({tok_per_s:,.0f} computed), "
                   f"{model_flops / 1e9:.1f} GFLOP/s = {model_flops / peak:.0%} of a {peak / 1e9:.0f} GFLOP/s "
                   f"{args.dtype} matmul peak on {threads} threads, peak memory +{mem / 2**20:,.0f} MiB")
-    result = {"median_step_s": med, "tokens_per_s": tok_per_s, "fraction_of_peak": model_flops / peak,
+    result = {"median_step_s": med, "tokens_per_s": tok_per_s, "sequence_tokens_per_s": sum(sequence_tokens) / sum(times),
+              "real_share": sum(tokens) / sum(padded), "fraction_of_peak": model_flops / peak,
               "peak_memory_bytes": mem, "matmul_peak_flops": peak, "ref_tokens_per_s": ref_tokens / ref_time}
     if args.json is not None:
         args.json.write_text(json.dumps(result))

@@ -111,7 +111,7 @@ def test_two_cpu_processes_equal_one_process(float64_model_dir: Path, tmp_path: 
 def test_two_processes_with_half_the_data_each_would_differ(float64_model_dir: Path) -> None:
     """The comparison above can fail: training on only half of the global batch (what a process
     would do if the gradients were not all-reduced) gives a different DPO gradient at step 1."""
-    from preftune.core.logprobs import batch_logps
+    from preftune.core.forward import batch_logps
     from preftune.data.collate import collate_pairs
     from preftune.data.formats import PreferencePair
     from preftune.data.tokenize import tokenize_preferences

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from preftune.config import from_mapping
-from preftune.core.logprobs import batch_logps
+from preftune.core.forward import batch_logps
 from preftune.core.losses import dpo_loss
 from preftune.data.collate import collate_pairs
 from preftune.data.formats import PreferencePair

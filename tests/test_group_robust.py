@@ -194,7 +194,7 @@ def test_alpha_moves_toward_the_group_with_the_higher_loss(tiny_model_dir: Path,
 
 def _group_loss(reference: Path, policy: Path, group: str, beta: float = 0.1) -> float:
     """The mean DPO loss of one group's pairs under ``policy`` against ``reference`` (no training)."""
-    from preftune.core.logprobs import batch_logps
+    from preftune.core.forward import batch_logps
     from preftune.core.losses import dpo_loss
     from preftune.data.collate import collate_pairs
     from preftune.data.formats import PreferencePair

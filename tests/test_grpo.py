@@ -252,9 +252,9 @@ def test_gradient_is_reinforce_with_the_group_normalised_advantages(loss_type, f
     (std_g + eps) of the letters reward over each prompt's K = 4 and, by loss_type, w_it = 1/|o_i| and
     N = completions (grpo), w_it = 1/max_new_tokens and N = completions (dr_grpo), w_it = 1 and N = tokens
     (dapo). float64, 1e-10. No reference model is loaded (kl_coef 0)."""
-    from preftune.core.logprobs import forward_logits
+    from preftune.core.forward import forward_logits
     from preftune.core.rl import group_advantages
-    from preftune.train.rollout import response_logps
+    from preftune.train.rollout import policy_response_logps, response_logps
 
     config = resolve_config("grpo", _keys(float64_model_dir, tmp_path, num_samples=4, dtype="auto", kl_coef=0.0,
                                           temperature=0.7, loss_type=loss_type, max_steps=1))
@@ -271,6 +271,7 @@ def test_gradient_is_reinforce_with_the_group_normalised_advantages(loss_type, f
     mask = batch["response_mask"]
     logps = response_logps(forward_logits(method.model, batch), batch, temperature=0.7)
     torch.testing.assert_close(logps * mask, batch["old_logps"] * mask, rtol=0, atol=1e-12)  # ratio == 1
+    logps = policy_response_logps(method.model, batch, temperature=0.7)  # the loss's path (packed rows by default)
     per_token = {"grpo": 1 / mask.sum(-1, keepdim=True), "dr_grpo": 1 / config.max_new_tokens, "dapo": 1.0}[loss_type]
     (-(batch["advantage"][:, None] * per_token * logps * mask).sum() / n).backward()
     reinforce = _grads(method.model)
@@ -318,7 +319,9 @@ def test_the_reward_rises_on_held_out_prompts(keys, tiny_model_dir, tmp_path):
 def test_batch8_accum1_equals_batch1_accum8(loss_type, float64_model_dir, tmp_path):
     """One step on the same 8 prompts x K = 2 (the same rollout: sampling is seeded per row), as one
     micro-batch of 8 prompts or 8 micro-batches of 1: the loop's normaliser is the step's completions
-    (grpo, dr_grpo) or tokens (dapo), so the loss, the gradient norm and the weights agree (float64)."""
+    (grpo, dr_grpo) or tokens (dapo), so the loss, the gradient norm and the weights agree (float64). Packed
+    rows without prompt sharing: a shared prompt sums its continuations' gradients before Llama's RMSNorm
+    rounds them to float32, so sharing holds to float32 precision, not float64 (tests/test_packing.py)."""
     from safetensors.torch import load_file
 
     runs = {}
@@ -326,7 +329,8 @@ def test_batch8_accum1_equals_batch1_accum8(loss_type, float64_model_dir, tmp_pa
         out = tmp_path / name
         train(GRPOMethod(prompts=PROMPTS, reward_fn=letters),
               resolve_config("grpo", _keys(float64_model_dir, out, batch_size=batch, grad_accum=accum, num_samples=2,
-                                           dtype="auto", loss_type=loss_type, max_steps=1, learning_rate=1e-3)))
+                                           dtype="auto", loss_type=loss_type, max_steps=1, learning_rate=1e-3,
+                                           share_prompt=False)))
         runs[name] = (read_metrics(out / "metrics.jsonl")[0], load_file(out / "final" / "model.safetensors"))
     (r8, w8), (r1, w1) = runs["b8a1"], runs["b1a8"]
     assert r8["loss"] == pytest.approx(r1["loss"], rel=1e-10, abs=1e-14)

@@ -25,7 +25,7 @@ from typer.testing import CliRunner
 
 from preftune.cli import app
 from preftune.config import from_mapping
-from preftune.core.logprobs import batch_logps
+from preftune.core.forward import batch_logps
 from preftune.core.losses import kto_loss, kto_reference_point
 from preftune.data.collate import collate_unpaired
 from preftune.data.formats import PreferencePair, UnpairedExample

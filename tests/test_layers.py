@@ -1,7 +1,7 @@
 """The package's layers: folders are the layers and imports point down only; no import cycle; the
 registry and the CLI load without torch.
 
-    foundation   preftune, errors, config            the error type, the config engine
+    foundation   preftune, errors, config, timing    the error type, the config engine, the start-up clock
     core         preftune.core                       pure math (torch, numpy)
     data         preftune.data                       formats, JSONL, prompts, ratings, tokenise, collate
     models       preftune.models                     loading, sampling, rewards, tiny models
@@ -26,7 +26,7 @@ import pytest
 SRC = Path(__file__).resolve().parents[1] / "src"
 
 LAYERS = [
-    ("foundation", ("preftune", "preftune.errors", "preftune.config")),
+    ("foundation", ("preftune", "preftune.errors", "preftune.config", "preftune.timing")),
     ("core", ("preftune.core",)),
     ("data", ("preftune.data",)),
     ("models", ("preftune.models",)),

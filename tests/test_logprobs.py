@@ -8,13 +8,12 @@ import math
 import pytest
 import torch
 
+from preftune.core.forward import batch_logps, model_label_logps
 from preftune.core.logprobs import (
     IGNORE_INDEX,
     auto_chunk_size,
-    batch_logps,
     fused_lm_head_applies,
     lm_head_parts,
-    model_label_logps,
     next_token_labels,
     sequence_logps,
     token_logps,

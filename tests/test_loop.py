@@ -22,9 +22,9 @@ from preftune.train.loop import (
     epoch_order,
     plan_steps,
     read_metrics,
-    split_for_process,
     train,
 )
+from preftune.train.plan import split_for_process
 from preftune.train.sft import SFTConfig, SFTMethod
 
 # Completions of different lengths, so a mean of per-micro-batch means would differ from the token mean.

@@ -180,7 +180,7 @@ def test_the_step_loss_is_core_losses_on_the_same_log_probs(loss, float64_model_
     by the reward, the reference log-probs the rollout kept are those of the starting model, and, after the
     policy has moved (its lm_head perturbed), the step's loss is core.losses' on log-probs computed here:
     sum over kept pairs / their number. Before it moved (pi == pi_ref) a DPO pair's loss is log 2 = 0.693147."""
-    from preftune.core.logprobs import forward_logits
+    from preftune.core.forward import forward_logits
     from preftune.models import load_policy
     from preftune.train.rollout import response_logps
 

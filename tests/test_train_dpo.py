@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from preftune.config import from_mapping, load_config, to_dict, write_config
-from preftune.core.logprobs import batch_logps
+from preftune.core.forward import batch_logps
 from preftune.data.collate import collate_pairs
 from preftune.data.formats import PreferencePair
 from preftune.data.tokenize import tokenize_preferences

@@ -131,8 +131,8 @@ def test_ppo_first_pass_is_reinforce(float64_model_dir, tmp_path):
     ratio = pi / pi_old = 1, so the gradient of PPO's surrogate sum_t -A_t ratio_t / N equals that of
     REINFORCE, -sum_t A_t log pi(y_t) / N, with the same per-token advantages A_t (float64, 1e-10).
     The value loss touches only the value network, so the policy's gradient is unaffected by it."""
-    from preftune.core.logprobs import forward_logits
-    from preftune.train.rollout import response_logps
+    from preftune.core.forward import forward_logits
+    from preftune.train.rollout import policy_response_logps, response_logps
 
     config = resolve_config("ppo", _keys(float64_model_dir, tmp_path, num_samples=2, update_epochs=1,
                                          dtype="auto", clip_range=1e9, temperature=0.7, max_steps=1))
@@ -143,6 +143,7 @@ def test_ppo_first_pass_is_reinforce(float64_model_dir, tmp_path):
     _policy_grads(model.value)
     logps = response_logps(forward_logits(model.policy, batch), batch, temperature=0.7)
     torch.testing.assert_close(logps * mask, batch["old_logps"] * mask, rtol=0, atol=1e-12)  # ratio == 1
+    logps = policy_response_logps(model.policy, batch, temperature=0.7)  # the loss's path (packed rows)
     (-(batch["advantages"] * logps * mask).sum() / n).backward()
     reinforce = _policy_grads(model.policy)
     assert ppo.keys() == reinforce.keys() and len(ppo) > 0
@@ -154,9 +155,8 @@ def test_ppo_first_pass_is_reinforce(float64_model_dir, tmp_path):
 def test_rloo_gradient_is_reinforce_with_the_leave_one_out_baseline(float64_model_dir, tmp_path):
     """RLOO's loss with one pass has the gradient -sum_i A_i grad log pi(y_i|x) / B with
     A_i = R_i - mean_{j != i} R_j over each prompt's K = 4 samples and R_i = score - beta * KL_i."""
-    from preftune.core.logprobs import forward_logits
     from preftune.core.rl import leave_one_out_advantages
-    from preftune.train.rollout import response_logps
+    from preftune.train.rollout import policy_response_logps
 
     config = resolve_config("rloo", _keys(float64_model_dir, tmp_path, num_samples=4, dtype="auto",
                                           kl_coef=0.1, max_steps=1))
@@ -169,7 +169,7 @@ def test_rloo_gradient_is_reinforce_with_the_leave_one_out_baseline(float64_mode
     # the first rollout is sampled from pi_ref itself: KL 0, so R_i is the score
     expected = leave_one_out_advantages(torch.tensor([letters("", t) for t in texts], dtype=torch.float64), 4)
     torch.testing.assert_close(torch.stack([i["advantage"] for i in items]).double(), expected, rtol=0, atol=1e-6)
-    logp = response_logps(forward_logits(method.model, batch), batch).sum(-1)
+    logp = policy_response_logps(method.model, batch).sum(-1)  # the loss's path (packed rows by default)
     (-(batch["advantage"] * logp).sum() / 16).backward()
     reinforce = _policy_grads(method.model)
     assert len(rloo) > 0 and max(float(g.abs().max()) for g in reinforce.values()) > 1e-4

@@ -91,4 +91,8 @@ for _module in (prefs, data, train, generate, annotate, score, compare, iterate,
 
 
 def main() -> None:
+    """The `preftune` executable and ``python -m preftune``: this process runs one command, then exits."""
+    from preftune.cli import _common
+
+    _common.WHOLE_PROCESS = True
     app()

@@ -10,10 +10,16 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 import typer
+import typer.core
 from rich.console import Console
 from rich.markup import escape
 
 from preftune.errors import PreftuneError
+
+# True when this process was started to run one preftune command (``preftune.cli.main``: the `preftune`
+# executable, ``python -m preftune``), False when a program calls the app (a test's CliRunner): only then may
+# a command act on the whole process (count its start-up from the process start, gc.freeze)
+WHOLE_PROCESS = False
 
 console = Console()
 err_console = Console(stderr=True)
@@ -34,6 +40,21 @@ def handle_errors(fn: F) -> F:
             raise typer.Exit(1) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+class LazyEpilogCommand(typer.core.TyperCommand):
+    """A command whose epilog is a function, called when the help is shown: the lists of every config key
+    (``train``, ``experiment``, ``iterate``) are built from the config dataclasses, which took tens of
+    milliseconds of every CLI start (and imported the experiments) when built at import time."""
+
+    @property  # type: ignore[override]
+    def epilog(self) -> str | None:
+        value = self.__dict__.get("_epilog")
+        return value() if callable(value) else value
+
+    @epilog.setter
+    def epilog(self, value: Any) -> None:
+        self.__dict__["_epilog"] = value
 
 
 def plural(n: int, noun: str, nouns: str | None = None) -> str:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import typer
 
-from preftune.cli._common import console, handle_errors
+from preftune.cli._common import LazyEpilogCommand, console, handle_errors
 from preftune.cli.train import _key_lines
 from preftune.config import keys
 
@@ -54,8 +54,9 @@ def frontier_command(
 
 experiment_app.command(
     name="frontier",
-    epilog="[bold]Keys[/] (in CONFIG or as --key value; --ppo.learning_rate 1e-5 sets one key of a mapping):\n\n"
-           + _frontier_keys(),
+    cls=LazyEpilogCommand,
+    epilog=lambda: "[bold]Keys[/] (in CONFIG or as --key value; --ppo.learning_rate 1e-5 sets one key of a "
+                   "mapping):\n\n" + _frontier_keys(),
     context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
 )(frontier_command)
 
@@ -109,8 +110,9 @@ def overoptimization_command(
 
 experiment_app.command(
     name="overoptimization",
-    epilog="[bold]Keys[/] (in CONFIG or as --key value; --online.learning_rate 1e-5 sets one key of a mapping):\n\n"
-           + _overoptimization_keys(),
+    cls=LazyEpilogCommand,
+    epilog=lambda: "[bold]Keys[/] (in CONFIG or as --key value; --online.learning_rate 1e-5 sets one key of a "
+                   "mapping):\n\n" + _overoptimization_keys(),
     context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
 )(overoptimization_command)
 

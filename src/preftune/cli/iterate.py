@@ -13,7 +13,7 @@ from typing import Any
 import typer
 from rich.markup import escape
 
-from preftune.cli._common import console, handle_errors
+from preftune.cli._common import LazyEpilogCommand, console, handle_errors
 from preftune.cli.train import _key_lines
 from preftune.config import keys
 
@@ -84,7 +84,8 @@ def register(app: typer.Typer) -> None:
     """Add `preftune iterate` to the root app."""
     app.command(
         name="iterate",
-        epilog="[bold]Keys[/] (in CONFIG or as --key value; --train.beta 0.2 sets one key of a mapping):\n\n"
-               + _iterate_keys(),
+        cls=LazyEpilogCommand,
+        epilog=lambda: "[bold]Keys[/] (in CONFIG or as --key value; --train.beta 0.2 sets one key of a mapping):\n\n"
+                       + _iterate_keys(),
         context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
     )(iterate_command)

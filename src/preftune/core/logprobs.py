@@ -14,10 +14,10 @@ so autograd keeps only the logits (which already exist) and the (B*T,) fp32 ``ls
 memory is one chunk in fp32. :func:`token_logps_from_hidden` goes one step further and never builds the
 logits at all: the lm_head projection ``z = h W^T (+ b)`` is done per chunk and recomputed in backward.
 
-From a batch: :func:`model_label_logps` (per token) and :func:`batch_logps` (per sequence) are the one
-path the trainers take; their ``fused`` option (the ``fused_lm_head`` key of ``train sft`` and
-``train dpo``) applies :func:`token_logps_from_hidden` to the final hidden states instead of
-:func:`token_logps` to the logits.
+From a batch: ``preftune.core.forward.model_label_logps`` (per token) and ``batch_logps`` (per sequence)
+are the one path the trainers take (the model's forward pass, padded or packed rows); their ``fused``
+option (the ``fused_lm_head`` key of ``train sft`` and ``train dpo``) applies
+:func:`token_logps_from_hidden` to the final hidden states instead of :func:`token_logps` to the logits.
 
 Shapes: ``B`` batch, ``T`` time (sequence length), ``V`` vocabulary, ``H`` hidden size. Labels use the
 Hugging Face convention: ``-100`` marks a position to ignore, whose log-prob is reported as 0.
@@ -41,11 +41,7 @@ __all__ = [
     "sequence_logps",
     "next_token_labels",
     "position_ids_from_mask",
-    "forward_logits",
-    "forward_hidden",
     "label_logps",
-    "model_label_logps",
-    "batch_logps",
     "token_logps",
     "token_logps_from_hidden",
 ]
@@ -329,28 +325,6 @@ def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
     return ((mask.cumsum(-1) - 1) * mask).clamp(min=0)
 
 
-def forward_logits(model: Any, batch: dict[str, Tensor]) -> Tensor:
-    """The [B, T, V] logits of a causal LM on ``batch`` (``input_ids``, ``attention_mask``), positions
-    from the mask. ``model`` may be wrapped (DDP, peft): it is called as a whole."""
-    mask = batch["attention_mask"]
-    return model(input_ids=batch["input_ids"], attention_mask=mask, position_ids=position_ids_from_mask(mask),
-                 use_cache=False).logits
-
-
-def forward_hidden(model: Any, batch: dict[str, Tensor]) -> Tensor:
-    """The [B, T, H] final hidden states (after the last norm: what the lm_head multiplies) of a causal LM
-    on ``batch``, positions from the mask, as :func:`forward_logits` calls the model.
-
-    The model is asked for its last hidden state (``output_hidden_states=[-1]``; transformers versions
-    that take only a flag return them all) and for the logits of one position only
-    (``logits_to_keep=1``), so it never builds [B, T, V]. Calling the model as a whole keeps DDP's
-    gradient hooks and peft's adapters working."""
-    mask = batch["attention_mask"]
-    out = model(input_ids=batch["input_ids"], attention_mask=mask, position_ids=position_ids_from_mask(mask),
-                use_cache=False, output_hidden_states=[-1], logits_to_keep=1)
-    return out.hidden_states[-1]
-
-
 def label_logps(logits: Tensor, labels: Tensor, *, temperature: float = 1.0,
                 chunk_size: int | None = None) -> Tensor:
     """[B, T] log-probs of the labelled tokens under ``softmax(logits / temperature)``, each at the
@@ -359,44 +333,6 @@ def label_logps(logits: Tensor, labels: Tensor, *, temperature: float = 1.0,
     if temperature != 1.0:
         logits = logits / temperature
     return token_logps(logits, next_token_labels(labels), chunk_size=chunk_size)
-
-
-def model_label_logps(model: Any, batch: dict[str, Tensor], *, fused: bool = False, hits: bool = False,
-                      chunk_size: int | None = None) -> tuple[Tensor, Tensor | None]:
-    """[B, T] log-probs under ``model`` of a batch's labelled tokens (``input_ids``, ``attention_mask``,
-    ``labels``), each at the position that predicts it, 0 where nothing is scored; and, with
-    ``hits=True``, a [B, T] bool saying whether each labelled token is the model's arg-max there (False
-    where nothing is scored; ``None`` without ``hits``).
-
-    ``fused=False``: :func:`forward_logits`, then :func:`label_logps` (and ``logits.argmax``).
-    ``fused=True`` (the ``fused_lm_head`` key): :func:`forward_hidden`, then the lm_head applied chunk by
-    chunk in :func:`token_logps_from_hidden`, so neither the [B, T, V] logits nor their gradient is ever
-    held; the values equal the unfused ones to the rounding of the matmul. Falls back to ``fused=False``
-    when :func:`lm_head_parts` says the head cannot be fused.
-    """
-    labels = batch["labels"]
-    parts = lm_head_parts(model) if fused else None
-    if parts is None:
-        logits = forward_logits(model, batch)
-        logps = label_logps(logits, labels, chunk_size=chunk_size)
-        if not hits:
-            return logps, None
-        targets = next_token_labels(labels)
-        return logps, (logits.detach().argmax(-1) == targets) & (targets != IGNORE_INDEX)
-    weight, bias, softcap = parts
-    return token_logps_from_hidden(forward_hidden(model, batch), weight, next_token_labels(labels),
-                                   lm_head_bias=bias, softcap=softcap, chunk_size=chunk_size, hits=hits)
-
-
-def batch_logps(model: Any, batch: dict[str, Tensor], *, fused: bool = False,
-                chunk_size: int | None = None) -> tuple[Tensor, Tensor]:
-    """Summed log-probs [B] of each row's labelled tokens and their counts [B]: the one way from a batch
-    (``input_ids``, ``attention_mask``, ``labels``) to ``log pi(y|x) = sum_t log pi(y_t | x, y_<t)``
-    (Rafailov et al. 2023, Eq. 7). Left and right padding give the same values. ``fused``: see
-    :func:`model_label_logps`."""
-    per_token, _ = model_label_logps(model, batch, fused=fused, chunk_size=chunk_size)
-    counts = (batch["labels"][:, 1:] != IGNORE_INDEX).sum(-1).to(per_token.dtype)
-    return per_token.sum(-1), counts
 
 
 # ------------------------------------------------------------------------------------------------ fused lm_head

@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 
+from preftune import timing
 from preftune.core.logprobs import position_ids_from_mask
 from preftune.errors import PreftuneError
 
@@ -166,6 +167,7 @@ def load_tokenizer(name_or_path: str, *, trust_remote_code: bool = False, paddin
                    field: str = "model") -> Any:
     """Load a tokenizer and make sure it has a pad token (EOS when it exists, else a new ``<pad>``).
     ``field`` is the config key ``name_or_path`` came from, for errors."""
+    timing.mark("model")  # the start-up clock of a training run (preftune.timing)
     from transformers import AutoTokenizer
 
     check_model(name_or_path, field=field, files=_TOKENIZER_FILES)
@@ -236,6 +238,7 @@ def load_policy(name: str, *, dtype: str | torch.dtype | None = "auto", lora: di
                 gradient_checkpointing: bool = False, trust_remote_code: bool = False,
                 tokenizer: Any | None = None, field: str = "model") -> Any:
     """The trainable causal LM (``AutoModelForCausalLM``), wrapped in a peft LoRA model when ``lora`` is given."""
+    timing.mark("model")
     from transformers import AutoModelForCausalLM
 
     model = _from_pretrained(AutoModelForCausalLM, name, field=field, dtype=resolve_dtype(dtype),
@@ -254,6 +257,7 @@ def freeze(model: Any) -> Any:
 def load_reference(name: str, *, dtype: str | torch.dtype | None = "auto", trust_remote_code: bool = False,
                    tokenizer: Any | None = None, field: str = "ref_model") -> Any:
     """A frozen causal LM (eval mode, no gradients) to serve as the DPO/KL reference pi_ref."""
+    timing.mark("reference")
     from transformers import AutoModelForCausalLM
 
     model = _from_pretrained(AutoModelForCausalLM, name, field=field, dtype=resolve_dtype(dtype),
@@ -271,7 +275,9 @@ def build_reference(policy: Any, *, ref_model: str | None, lora: Any, dtype: str
                     tokenizer: Any | None = None, trust_remote_code: bool = False) -> Any:
     """pi_ref of the DPO loss and of the KL penalty: the model ``ref_model`` when given; None with LoRA
     (the policy with its adapter disabled is the reference: no extra memory, see ``adapter_disabled``);
-    else a frozen copy of the policy as it is now (pi_ref = pi_SFT at step 0)."""
+    else a frozen copy of the policy as it is now (pi_ref = pi_SFT at step 0). The start-up clock counts
+    from here to the end of the set-up as ``reference`` (the methods' reference pass follows)."""
+    timing.mark("reference")
     if ref_model:
         return load_reference(ref_model, dtype=dtype, trust_remote_code=trust_remote_code, tokenizer=tokenizer)
     if lora:
@@ -310,6 +316,7 @@ def load_reward_model(name: str, *, dtype: str | torch.dtype | None = "auto", lo
     Sec. 3.5): the backbone weights load, the new ``score`` head is initialised, and the config's
     ``pad_token_id`` is set from the tokenizer so the model saves and reloads as a complete classifier.
     """
+    timing.mark("model")
     from transformers import AutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging
 
@@ -324,7 +331,7 @@ def load_reward_model(name: str, *, dtype: str | torch.dtype | None = "auto", lo
     if model.config.pad_token_id is None and model.config.eos_token_id is not None:
         eos = model.config.eos_token_id
         model.config.pad_token_id = eos[0] if isinstance(eos, list) else eos
-    _score_head(model)  # fail early with a clear message on an unsupported architecture
+    score_head(model)  # fail early with a clear message on an unsupported architecture
     return _finish(model, lora=lora, gradient_checkpointing=gradient_checkpointing, task_type="SEQ_CLS")
 
 
@@ -350,7 +357,7 @@ def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
     return (positions * attention_mask.long()).argmax(-1)
 
 
-def _score_head(model: Any) -> torch.nn.Module:
+def score_head(model: Any) -> torch.nn.Module:
     head = getattr(hf_model(model), "score", None)
     if not isinstance(head, torch.nn.Module):
         raise PreftuneError(f"{type(hf_model(model)).__name__} has no per-token `score` head", field="model",
@@ -358,18 +365,21 @@ def _score_head(model: Any) -> torch.nn.Module:
     return head
 
 
-def token_scores(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+def token_scores(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, *,
+                 position_ids: torch.Tensor | None = None) -> torch.Tensor:
     """The score head's output at every position, [B, T] (PPO's per-token values V(x, y_<=t)).
 
-    The model is called as a whole (so DDP and peft wrappers work) with positions from the mask; a
-    hook on the ``score`` head captures its per-token output [B, T, 1] before the model pools it.
+    The model is called as a whole (so DDP and peft wrappers work) with positions from the mask (or
+    ``position_ids`` when given: packed rows, whose 4D mask says nothing of positions); a hook on the
+    ``score`` head captures its per-token output [B, T, 1] before the model pools it.
     """
-    head = _score_head(model)
+    head = score_head(model)
     captured: list[torch.Tensor] = []
     handle = head.register_forward_hook(lambda _m, _inp, out: captured.append(out))
     try:
         model(input_ids=input_ids, attention_mask=attention_mask,
-              position_ids=position_ids_from_mask(attention_mask), use_cache=False)
+              position_ids=position_ids_from_mask(attention_mask) if position_ids is None else position_ids,
+              use_cache=False)
     finally:
         handle.remove()
     return captured[-1][..., 0]

@@ -28,7 +28,8 @@ class PolicyWithValue(torch.nn.Module):
 
         logits = self.policy(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                              use_cache=False).logits
-        values = token_scores(self.value, input_ids, attention_mask) if with_values else None
+        values = (token_scores(self.value, input_ids, attention_mask, position_ids=position_ids)
+                  if with_values else None)
         return SimpleNamespace(logits=logits, values=values)
 
     def save_pretrained(self, path: Any, **kwargs: Any) -> None:

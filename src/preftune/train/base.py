@@ -121,6 +121,14 @@ class TrainConfig(Config):
     grad_accum: int = opt(1, "micro-batches per optimizer step (step = batch_size*grad_accum*processes)", ge=1)
     group_by_length: bool = opt(False, "put items of similar length in the same step: less padding "
                                 "(sft, reward, dpo; not the online methods)")
+    max_tokens_per_batch: int | None = opt(None, "token budget of one forward: each process's batch_size x "
+                                           "grad_accum items of a step go in micro-batches of at most this many "
+                                           "padded tokens (rows x longest row) instead of grad_accum of batch_size; "
+                                           "null = off (sft, reward, dpo, kto)", ge=1)
+    packing: bool = opt(True, "run each micro-batch as padding-free packed rows (the same numbers, no padding "
+                        "to compute); false = padded rows")
+    share_prompt: bool = opt(True, "with packing: compute a prompt once for the sequences that share it (a DPO "
+                             "pair, a reward item's responses, an online prompt's completions)")
     eval_batch_size: int | None = opt(None, "micro-batch size for evaluation; null = batch_size", ge=1)
     max_steps: int | None = opt(None, "optimizer steps to train; null = run `epochs` over the data", ge=1)
     epochs: float = opt(1.0, "passes over the training data (fractions allowed) when max_steps is null", gt=0)
@@ -321,6 +329,8 @@ class OnlineConfig(TrainConfig):
         require(self, "eval_fraction", self.eval_fraction == 0.0, "is not used by online methods")
         require(self, "group_by_length", not self.group_by_length, "is for offline methods (sft, reward, "
                  "dpo): an online step trains on the completions it has just sampled")
+        require(self, "max_tokens_per_batch", self.max_tokens_per_batch is None, "is for offline methods (sft, "
+                 "reward, dpo, kto): an online step's micro-batches are its rollout's")
         require(self, "max_new_tokens", self.max_new_tokens < self.max_length,
                  f"must be >= 1 and < max_length ({self.max_length}): the prompt needs tokens too")
         require(self, "template", check_template(self.template), "must be raw, chat, tldr or contain {prompt}")

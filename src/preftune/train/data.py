@@ -11,6 +11,7 @@ from __future__ import annotations
 import random
 from typing import Any
 
+from preftune import timing
 from preftune.errors import PreftuneError
 
 
@@ -31,6 +32,7 @@ def split_eval(examples: list[Any], *, fraction: float, seed: int) -> tuple[list
 def _train_and_eval(config: Any, read: Any, given: list[Any] | None,
                     given_eval: list[Any] | None) -> tuple[list[Any], list[Any]]:
     """Training and evaluation examples: given in memory, read from files, or an eval_fraction split."""
+    timing.mark("data")  # reading and tokenising, on the start-up clock (preftune.timing)
     train = list(given) if given is not None else read(config.data)
     if given_eval is not None:
         return train, list(given_eval)

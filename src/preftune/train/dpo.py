@@ -147,12 +147,14 @@ class DPOMethod(OfflineMethod):
         self.ref_model: torch.nn.Module | None = None
         self.ref_hits: dict[str, bool] = {}  # split -> whether its reference log-probs came from the cache
         self.fused_lm_head = False  # the fused_lm_head key, once setup has checked the model's head
+        self.packing = ""  # "shared", "rows" or "" (padded): the packing keys, once setup has checked the model
         self.group_robust: GroupRobust | None = None  # alpha and its sums, with group_robust: true
 
     # ------------------------------------------------------------------------------------------ setup
     def setup(self, ctx: RunContext) -> None:
         from preftune.core.logprobs import fused_lm_head_applies
         from preftune.core.losses import LOSSES
+        from preftune.core.packing import packing_applies
         from preftune.models import load_policy, load_tokenizer
         from preftune.models.load import build_reference
         from preftune.train import refcache
@@ -167,6 +169,7 @@ class DPOMethod(OfflineMethod):
                                  gradient_checkpointing=config.gradient_checkpointing,
                                  trust_remote_code=config.trust_remote_code, tokenizer=self.tokenizer)
         self.fused_lm_head = config.fused_lm_head and fused_lm_head_applies(self.model, ctx.log)
+        self.packing = packing_applies(config, self.model, ctx.log, share_prompt=config.share_prompt)
         self.train_items, self.eval_items = load_preference_items(
             config, self.tokenizer, ctx.log, rankings="pairs", pairs=self._given, eval_pairs=self._given_eval)
         if config.group_robust:
@@ -207,6 +210,8 @@ class DPOMethod(OfflineMethod):
                     "mixed_precision": config.mixed_precision}
         if self.fused_lm_head:  # other rounding; named only when on, so the unfused keys stay as they were
             settings["fused_lm_head"] = True
+        if self.packing:
+            settings["packing"] = self.packing
         key = refcache.cache_key(
             model=refcache.model_fingerprint(reference), tokenizer=refcache.tokenizer_fingerprint(self.tokenizer),
             items=refcache.items_fingerprint(items), settings=settings)
@@ -229,9 +234,11 @@ class DPOMethod(OfflineMethod):
 
     # ------------------------------------------------------------------------------------------ per batch
     def collate(self, items: list[Any]) -> dict[str, torch.Tensor]:
+        from preftune.core.packing import pack_pairs
         from preftune.data.collate import collate_pairs
 
-        return collate_pairs(items, pad_token_id=self.tokenizer.pad_token_id, padding_side="right")
+        batch = collate_pairs(items, pad_token_id=self.tokenizer.pad_token_id, padding_side="right")
+        return pack_pairs(batch, self.packing)
 
     def units(self, batch: dict[str, torch.Tensor]) -> int:
         """Pairs: half the rows (chosen and rejected are stacked)."""
@@ -239,7 +246,7 @@ class DPOMethod(OfflineMethod):
 
     def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor], *, normaliser: float) -> StepOutput:
         """``sum_pairs loss_name(...) / normaliser`` plus the reward and log-prob metric sums."""
-        from preftune.core.logprobs import batch_logps
+        from preftune.core.forward import batch_logps
         from preftune.core.losses import preference_loss
 
         logps, counts = batch_logps(model, batch, fused=self.fused_lm_head)

@@ -31,16 +31,17 @@ from preftune.errors import PreftuneError
 class GroupRobust:
     """The group weights alpha and the per-group running sums of one group-robust DPO run."""
 
-    def __init__(self, names: list[str], sizes: list[int], *, eta: float, grad_accum: int, log_every: int) -> None:
+    def __init__(self, names: list[str], sizes: list[int], *, eta: float, pairs_per_step: int,
+                 log_every: int) -> None:
         self.names, self.eta = list(names), float(eta)
         self.index = {name: g for g, name in enumerate(self.names)}
         self.sizes = torch.tensor(sizes, dtype=torch.float64)  # N_g of the training data
         self.alpha = torch.full((len(names),), 1.0 / len(names), dtype=torch.float64)
-        self.grad_accum, self.log_every = grad_accum, log_every
+        self.pairs_per_step, self.log_every = pairs_per_step, log_every
         self.since_log = torch.zeros(3, len(names), dtype=torch.float64)  # loss, correct, pairs (global)
         self.steps = 0  # optimizer steps taken
         self._step = torch.zeros(3, len(names), dtype=torch.float64)  # this process, this step so far
-        self._calls = 0  # training micro-batches of this step so far
+        self._pairs = 0  # training pairs of this step so far, on this process
 
     @classmethod
     def from_items(cls, items: list[Any], config: Any, log: Any) -> GroupRobust:
@@ -57,8 +58,8 @@ class GroupRobust:
         log(f"group-robust DPO: {len(names)} group{'s' if len(names) != 1 else ''} in {len(items)} training pairs "
             f"({', '.join(f'{n}: {counts[n]}' for n in names)}); alpha starts at 1/{len(names)}, step size "
             f"{config.group_step_size}")
-        return cls(names, [counts[n] for n in names], eta=config.group_step_size, grad_accum=config.grad_accum,
-                   log_every=config.log_every)
+        return cls(names, [counts[n] for n in names], eta=config.group_step_size,
+                   pairs_per_step=config.batch_size * config.grad_accum, log_every=config.log_every)
 
     # ------------------------------------------------------------------------------------------ per batch
     def loss(self, losses: torch.Tensor, correct: torch.Tensor, groups: list[str | None], *, normaliser: float,
@@ -74,8 +75,8 @@ class GroupRobust:
         for row, values in enumerate((losses.detach(), correct.detach())):
             self._step[row].index_add_(0, index, values.double().cpu())
         self._step[2].index_add_(0, index, torch.ones(len(index), dtype=torch.float64))
-        self._calls += 1
-        if self._calls < self.grad_accum:
+        self._pairs += len(index)  # a process's share of a step is batch_size x grad_accum pairs, however
+        if self._pairs < self.pairs_per_step:  # many micro-batches hold them (max_tokens_per_batch)
             return loss, {}
         return loss, self._update(accelerator, normaliser)
 
@@ -92,7 +93,7 @@ class GroupRobust:
 
         totals = accelerator.reduce(self._step.to(accelerator.device), reduction="sum").cpu()
         self._step.zero_()
-        self._calls = 0
+        self._pairs = 0
         scale = self.sizes.sum() / self.sizes  # N / N_g (every N_g >= 1: the groups come from the data)
         estimates = scale * totals[0] / units  # Ramesh et al. 2024, Algorithm 1 line 6 with a batch of U pairs
         self.alpha = group_robust_weights(self.alpha, estimates, self.eta)
@@ -121,4 +122,4 @@ class GroupRobust:
         self.since_log = state["since_log"].to(torch.float64).clone()
         self.steps = int(state["steps"])
         self._step.zero_()
-        self._calls = 0
+        self._pairs = 0

@@ -280,9 +280,11 @@ class KTOMethod(OfflineMethod):
         self.ref_hits: dict[str, bool] = {}  # split -> whether its reference log-probs came from the cache
         self._z0: torch.Tensor | None = None  # this step's reference point, set by prepare_step
         self._left = 0  # training micro-batches of this step still to come
+        self.packing = ""  # "rows" or "" (padded rows): the packing key, once setup has checked the model
 
     # ------------------------------------------------------------------------------------------ setup
     def setup(self, ctx: RunContext) -> None:
+        from preftune.core.packing import packing_applies
         from preftune.models import load_policy, load_tokenizer
         from preftune.models.load import build_reference
         from preftune.train import refcache
@@ -293,6 +295,7 @@ class KTOMethod(OfflineMethod):
         self.model = load_policy(config.model, dtype=config.dtype, lora=config.lora,
                                  gradient_checkpointing=config.gradient_checkpointing,
                                  trust_remote_code=config.trust_remote_code, tokenizer=self.tokenizer)
+        self.packing = packing_applies(config, self.model, ctx.log)
         self.train_items, self.eval_items = load_kto_items(config, self.tokenizer, ctx.log, examples=self._given,
                                                            eval_examples=self._given_eval)
         check_weights(*check_both_classes([i.desirable for i in self.train_items], what="the training data"),
@@ -329,6 +332,8 @@ class KTOMethod(OfflineMethod):
         settings = {"method": "kto", "max_length": config.max_length, "max_prompt_length": config.max_prompt_length,
                     "truncation": config.truncation, "dtype": str(next(reference.parameters()).dtype),
                     "mixed_precision": config.mixed_precision}
+        if self.packing:  # other rounding; named only when on, so the padded keys stay as they were
+            settings["packing"] = self.packing
         key = refcache.cache_key(model=refcache.model_fingerprint(reference),
                                  tokenizer=refcache.tokenizer_fingerprint(self.tokenizer),
                                  items=_items_fingerprint(items), settings=settings)
@@ -359,7 +364,7 @@ class KTOMethod(OfflineMethod):
         """Policy (no gradient) and reference log-probs of the mismatched pairs of ``batches``."""
         import torch
 
-        from preftune.core.logprobs import batch_logps
+        from preftune.core.forward import batch_logps
 
         policy, ref = [], []
         with torch.no_grad():
@@ -382,9 +387,15 @@ class KTOMethod(OfflineMethod):
 
     # ------------------------------------------------------------------------------------------ per batch
     def collate(self, items: list[Any]) -> dict[str, Any]:
+        from preftune.core.packing import plan_packing
         from preftune.data.collate import collate_unpaired
 
-        return collate_unpaired(items, pad_token_id=self.tokenizer.pad_token_id, padding_side="right")
+        batch = collate_unpaired(items, pad_token_id=self.tokenizer.pad_token_id, padding_side="right")
+        if self.packing:  # the examples and their mismatched pairs are two forwards: a plan for each
+            batch.update(plan_packing(batch["input_ids"], batch["attention_mask"], batch["labels"]))
+            kl = plan_packing(batch["kl_input_ids"], batch["kl_attention_mask"], batch["kl_labels"])
+            batch.update({f"kl_{k}": v for k, v in kl.items()})
+        return batch
 
     def units(self, batch: dict[str, Any]) -> int:
         """Examples: one row each (their mismatched pairs are in ``kl_input_ids``)."""
@@ -392,7 +403,7 @@ class KTOMethod(OfflineMethod):
 
     def loss(self, model: torch.nn.Module, batch: dict[str, Any], *, normaliser: float) -> StepOutput:
         """``sum_examples kto_loss(...) / normaliser``; z0 from ``prepare_step`` (training) or from the batch."""
-        from preftune.core.logprobs import batch_logps
+        from preftune.core.forward import batch_logps
         from preftune.core.losses import kto_loss, kto_reference_point
 
         logps, _ = batch_logps(model, batch)
@@ -428,7 +439,9 @@ class KTOMethod(OfflineMethod):
 
 def _rows(batch: dict[str, Any], prefix: str) -> dict[str, Any]:
     """``input_ids``, ``attention_mask``, ``labels`` of a batch's examples (prefix "") or mismatched pairs ("kl_")."""
-    return {k: batch[prefix + k] for k in _ROWS}
+    from preftune.core.packing import PACK_KEYS
+
+    return {k: batch[prefix + k] for k in (*_ROWS, *PACK_KEYS) if prefix + k in batch}
 
 
 SPEC = MethodSpec("kto", KTOConfig, KTOMethod,

@@ -79,11 +79,13 @@ class OnlineMethod:
         self.eval_items: list[Any] = []
         self.buffer: dict[str, Any] | None = None
         self.updates_per_batch = 1
+        self.packing = ""  # "shared", "rows" or "" (padded rows): the packing key, once setup has checked the model
 
     # ------------------------------------------------------------------------------------------ setup
     def setup(self, ctx: RunContext) -> None:
         import torch
 
+        from preftune.core.packing import packing_applies, packing_unsupported
         from preftune.core.rl import AdaptiveKLController, FixedKLController
         from preftune.data.prompts import load_prompts
         from preftune.models import load_policy, load_tokenizer
@@ -122,6 +124,10 @@ class OnlineMethod:
                                                          is_function_spec(c.reward) else c.model), config=c,
                                        tokenizer=self.tokenizer, log=ctx.log)
         self.model = PolicyWithValue(policy, value)
+        self.packing = packing_applies(c, policy, ctx.log, share_prompt=c.share_prompt)
+        if self.packing and value is not None and packing_unsupported(value):
+            ctx.log(f"packing: off: the value network uses {packing_unsupported(value)}")
+            self.packing = ""
         self.prompts = list(self._prompts) if self._prompts is not None else load_prompts(c.data)
         queries, cut = encode_prompts(self.tokenizer, self.prompts, template=c.template,
                                       max_tokens=c.max_length - c.max_new_tokens)
@@ -217,7 +223,8 @@ class OnlineMethod:
                                          batch_size=self._generation_batch())
             logps, values, ref_logps = policy_and_reference_logps(
                 policy, self.reference, queries, responses, value=value, pad_token_id=tok.pad_token_id,
-                temperature=c.temperature, batch_size=self._generation_batch(), with_reference=self.with_reference)
+                temperature=c.temperature, batch_size=self._generation_batch(), with_reference=self.with_reference,
+                packing=self.packing)
         # the per-token KL against the reference (shapes the rewards in (3); maxmin's objectives use it in (2))
         mask = response_lengths_mask([len(r) for r in responses])
         old, ref = pad_rows(logps), pad_rows(ref_logps) if ref_logps is not None else None
@@ -250,9 +257,13 @@ class OnlineMethod:
 
     # ------------------------------------------------------------------------------------------ per batch
     def collate(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        from preftune.train.rollout import collate_items
+        from preftune.train.rollout import collate_items, pack_same_queries
 
-        return collate_items(items, pad_token_id=self.tokenizer.pad_token_id)
+        batch = collate_items(items, pad_token_id=self.tokenizer.pad_token_id)
+        if not self.packing:
+            return batch
+        # the completions of one prompt (GRPO's and RLOO's K samples) share their query's computation
+        return pack_same_queries(batch, [i["query"] for i in items], shared=self.packing == "shared")
 
     def units(self, batch: dict[str, torch.Tensor]) -> int:
         """Response tokens (unit "token") or completions (unit "sequence") in the batch."""
@@ -263,15 +274,29 @@ class OnlineMethod:
         """(5) update: the step's completions under the current policy (and value network), the method's
         loss summed over its units / normaliser, plus PPO-ptx."""
         from preftune.core.logprobs import position_ids_from_mask
-        from preftune.train.rollout import response_columns, response_entropy, response_logps
+        from preftune.core.packing import is_packed, packed_inputs
+        from preftune.train.rollout import (
+            packed_response_outputs,
+            response_columns,
+            response_entropy,
+            response_logps,
+        )
 
         r, c, mask = self.recipe, self.config, batch["attention_mask"]
-        out = model(input_ids=batch["input_ids"], attention_mask=mask, position_ids=position_ids_from_mask(mask),
-                    with_values=r.value_network)
-        logps = response_logps(out.logits, batch, temperature=c.temperature if r.loss_at_temperature else 1.0)
-        values = response_columns(out.values.float(), batch) if r.value_network else None
-        if r.entropy:
-            batch = {**batch, "entropy": response_entropy(out.logits, batch, temperature=c.temperature)}
+        temperature = c.temperature if r.loss_at_temperature else 1.0
+        if is_packed(batch):  # padding-free rows; outputs back in the rollout layout
+            out = model(**packed_inputs(model, batch), with_values=r.value_network)
+            logps, values, entropy = packed_response_outputs(out.logits, out.values, batch, temperature=temperature,
+                                                             entropy_temperature=c.temperature if r.entropy else None)
+            if r.entropy:
+                batch = {**batch, "entropy": entropy}
+        else:
+            out = model(input_ids=batch["input_ids"], attention_mask=mask, position_ids=position_ids_from_mask(mask),
+                        with_values=r.value_network)
+            logps = response_logps(out.logits, batch, temperature=temperature)
+            values = response_columns(out.values.float(), batch) if r.value_network else None
+            if r.entropy:
+                batch = {**batch, "entropy": response_entropy(out.logits, batch, temperature=c.temperature)}
         losses, metric_sums = r.loss(logps, values, batch, c)
         ptx, ptx_metrics = self.ptx.loss(model, batch) if self.ptx else (0.0, {})
         return StepOutput(loss=losses.sum() / normaliser + ptx, metric_sums=metric_sums, metric_shares=ptx_metrics,

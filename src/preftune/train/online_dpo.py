@@ -358,13 +358,14 @@ class OnlineDPOMethod(OnlineMethod):
         completions, plus ``ref_chosen_logps``, ``ref_rejected_logps`` and ``weight`` [B] (and PPO-ptx rows)."""
         import torch
 
+        from preftune.core.packing import pack_pairs
         from preftune.train.rollout import collate_items
 
         rows = ([{"query": i["query"], "response": i["chosen"], **({"ptx": i["ptx"]} if "ptx" in i else {})}
                  for i in items] + [{"query": i["query"], "response": i["rejected"]} for i in items])
         batch = collate_items(rows, pad_token_id=self.tokenizer.pad_token_id)
         batch.update({name: torch.stack([i[name] for i in items]) for name in PAIR_FIELDS})
-        return batch
+        return pack_pairs(batch, self.packing)  # chosen and rejected continue one query: shared when packing
 
     def units(self, batch: dict[str, torch.Tensor]) -> int:
         """Pairs with a winner; every pair (each of weight 0) when the step has none on any process."""

@@ -46,7 +46,8 @@ class PtxRows:
         NLL per SFT token); 0 and nothing when the batch has no SFT row."""
         if "ptx_input_ids" not in batch:
             return 0.0, {}
-        from preftune.core.logprobs import forward_logits, label_logps
+        from preftune.core.forward import forward_logits
+        from preftune.core.logprobs import label_logps
 
         rows = {"input_ids": batch["ptx_input_ids"], "attention_mask": batch["ptx_attention_mask"]}
         nll = -label_logps(forward_logits(model, rows), batch["ptx_labels"]).sum()

@@ -163,7 +163,7 @@ def ensure(items: Sequence[Any], *, key: str, directory: Path,
 def reference_logps(policy: Any, ref_model: Any, batch: dict[str, torch.Tensor], *, fused: bool = False) -> torch.Tensor:
     """Summed reference log-probs of a batch's rows, without gradients: ``ref_model`` when there is one,
     else ``policy`` with its LoRA adapter disabled (the starting model, no extra memory)."""
-    from preftune.core.logprobs import batch_logps
+    from preftune.core.forward import batch_logps
     from preftune.models import adapter_disabled
 
     with torch.no_grad():

@@ -73,7 +73,7 @@ class RewardConfig(PairConfig):
         length = "the run's length is em_iterations x em_epochs passes over the pairs (EM may stop earlier)"
         require(self, "max_steps", self.max_steps is None, f"cannot be set with mixtures > 1: {length}")
         require(self, "epochs", self.epochs == 1.0, f"cannot be changed with mixtures > 1: {length}")
-        for key in ("eval_data", "eval_fraction", "group_by_length", "merge_lora"):
+        for key in ("eval_data", "eval_fraction", "group_by_length", "max_tokens_per_batch", "merge_lora"):
             require(self, key, not getattr(self, key), "is not supported with mixtures > 1 (see docs/diverse.md): "
                     "EM's log-likelihood per iteration is in metrics.jsonl, and each final/mixture-k is merged")
 
@@ -137,10 +137,13 @@ class RewardMethod(OfflineMethod):
     """Reward-model training (see the module docstring). ``pairs`` / ``eval_pairs`` replace reading
     ``config.data`` / ``config.eval_data`` (``PreferencePair`` and ``Ranking`` objects)."""
 
+    packing = ""  # "shared", "rows" or "" (padded rows): set by setup from the packing keys
+
     def __init__(self, *, pairs: list[Any] | None = None, eval_pairs: list[Any] | None = None) -> None:
         super().__init__(pairs, eval_pairs)
 
     def setup(self, ctx: RunContext) -> None:
+        from preftune.core.packing import packing_applies
         from preftune.models import load_reward_model, load_tokenizer
         from preftune.train.data import load_preference_items
 
@@ -154,6 +157,7 @@ class RewardMethod(OfflineMethod):
         self.model = load_reward_model(config.model, dtype=config.dtype, lora=config.lora,
                                        gradient_checkpointing=config.gradient_checkpointing,
                                        trust_remote_code=config.trust_remote_code, tokenizer=self.tokenizer)
+        self.packing = packing_applies(config, self.model, ctx.log, share_prompt=config.share_prompt, scores=True)
         self.train_items, self.eval_items = load_preference_items(
             config, self.tokenizer, ctx.log, rankings=config.rankings, pairs=self._given, eval_pairs=self._given_eval)
         ties = sum(_ties(item) for item in self.train_items)
@@ -161,18 +165,31 @@ class RewardMethod(OfflineMethod):
             ctx.log(f"{ties} tied pairs inside rankings are trained in the given order (rankings: pairs skips them)")
 
     def collate(self, items: list[Any]) -> dict[str, torch.Tensor]:
+        from preftune.core.packing import add_packing
         from preftune.data.collate import collate_responses
 
-        return collate_responses(items, pad_token_id=self.tokenizer.pad_token_id, padding_side="right")
+        batch = collate_responses(items, pad_token_id=self.tokenizer.pad_token_id, padding_side="right")
+        if not self.packing:
+            return batch
+        groups = ([[int(r) for r, real in zip(rows, mask, strict=True) if real]
+                   for rows, mask in zip(batch["response_index"], batch["response_mask"], strict=True)]
+                  if self.packing == "shared" else ())
+        return add_packing(batch, groups=groups, last_token_queries=True)
 
     def units(self, batch: dict[str, torch.Tensor]) -> int:
         """Items: pairs and rankings."""
         return int(batch["response_index"].shape[0])
 
     def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor], *, normaliser: float) -> StepOutput:
+        from preftune.core.forward import packed_scores
+        from preftune.core.packing import is_packed
         from preftune.models import sequence_scores
+        from preftune.models.load import score_head
 
-        scores = sequence_scores(model, batch["input_ids"], batch["attention_mask"])  # [N], all responses at once
+        if is_packed(batch):  # [N] at each response's last token, from padding-free rows
+            scores = packed_scores(model, batch, score_head(model))
+        else:
+            scores = sequence_scores(model, batch["input_ids"], batch["attention_mask"])  # [N], all responses at once
         rewards = item_rewards(scores, batch)
         losses = reward_losses(rewards, batch, use_margin=self.config.margin,
                                center_coefficient=self.config.center_rewards_coefficient)

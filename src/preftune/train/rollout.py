@@ -215,6 +215,44 @@ def response_columns(per_position: torch.Tensor, batch: dict[str, torch.Tensor])
     return per_position[:, width - 1:width - 1 + r] * batch["response_mask"].to(per_position.dtype)
 
 
+def policy_response_logps(model: Any, batch: dict[str, torch.Tensor], *, temperature: float = 1.0) -> torch.Tensor:
+    """[B, R] log-probs of a rollout batch's response tokens under ``model``, on packed rows when the batch
+    carries a pack plan (``preftune.core.packing``), else on its padded rows."""
+    from preftune.core.forward import forward_logits
+    from preftune.core.packing import is_packed, packed_inputs
+
+    if is_packed(batch):
+        logits = model(**packed_inputs(model, batch), use_cache=False).logits
+        return packed_response_outputs(logits, None, batch, temperature=temperature, entropy_temperature=None)[0]
+    return response_logps(forward_logits(model, batch), batch, temperature=temperature)
+
+
+def packed_response_outputs(logits: torch.Tensor, values: torch.Tensor | None, batch: dict[str, torch.Tensor], *,
+                            temperature: float, entropy_temperature: float | None
+                            ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """``response_logps``, ``response_columns`` of the values and ``response_entropy`` ([B, R] each) from the
+    outputs of packed rows (``preftune.core.packing``): the plan's query slots are the positions that
+    predict the response tokens, read there and put back in the rollout layout."""
+    from preftune.core.logprobs import token_logps
+    from preftune.core.packing import scatter_queries
+    from preftune.core.rl import token_entropy
+
+    slots, shape = batch["pack_query_slot"], batch["input_ids"].shape
+    z = logits.reshape(-1, logits.shape[-1])[slots]  # [M, V]
+    scaled = z / temperature if temperature != 1.0 else z
+    logps = token_logps(scaled[None], batch["pack_query_target"][None])[0]
+    out_logps = response_columns(scatter_queries(logps, batch, shape), batch)
+    out_values = None
+    if values is not None:
+        out_values = response_columns(scatter_queries(values.float().reshape(-1)[slots], batch, shape), batch)
+    entropy = None
+    if entropy_temperature is not None:
+        with torch.no_grad():
+            entropy = response_columns(scatter_queries(token_entropy(z.detach(), temperature=entropy_temperature),
+                                                       batch, shape), batch)
+    return out_logps, out_values, entropy
+
+
 def collate_items(items: list[dict[str, Any]], *, pad_token_id: int) -> dict[str, torch.Tensor]:
     """Training items of a rollout -> the rollout layout (``collate_rollout``) plus each item field:
     per-token fields [B, R], per-sequence fields [B]; PPO-ptx rows (an item's ``ptx``) as
@@ -279,10 +317,13 @@ def sample_responses(policy: Any, tokenizer: Any, queries: Sequence[torch.Tensor
 @torch.no_grad()
 def rollout_logps(model: Any, queries: Sequence[torch.Tensor], responses: Sequence[torch.Tensor], *,
                   pad_token_id: int, temperature: float, batch_size: int,
-                  values: Any = None) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
+                  values: Any = None, packing: str = "") -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
     """Per-row response log-probs (and per-token values of ``values``, a scalar-head model) without
-    gradients and in eval mode, in batches of ``batch_size`` rows. Returns lists of 1-D tensors."""
-    from preftune.core.logprobs import forward_logits
+    gradients and in eval mode, in batches of ``batch_size`` rows. Returns lists of 1-D tensors.
+    ``packing`` (``"rows"``, ``"shared"``: the rows of one query share its computation; ``""``: padded
+    rows) as the training passes run (``preftune.core.packing``)."""
+    from preftune.core.forward import forward_logits
+    from preftune.core.packing import packed_inputs, scatter_queries
     from preftune.models import token_scores
 
     device = next(model.parameters()).device
@@ -292,15 +333,40 @@ def rollout_logps(model: Any, queries: Sequence[torch.Tensor], responses: Sequen
         for start in range(0, len(queries), batch_size):
             batch = collate_rollout(queries[start:start + batch_size], responses[start:start + batch_size],
                                     pad_token_id=pad_token_id)
+            if packing:
+                batch = pack_same_queries(batch, queries[start:start + batch_size], shared=packing == "shared")
             batch = {k: v.to(device) for k, v in batch.items()}
             lengths = batch["response_mask"].sum(-1).long().tolist()
-            lp = response_logps(forward_logits(model, batch), batch, temperature=temperature).cpu()  # >= fp32
+            if packing:
+                inputs = packed_inputs(model, batch)
+                lp = packed_response_outputs(model(**inputs, use_cache=False).logits, None, batch,
+                                             temperature=temperature, entropy_temperature=None)[0].cpu()
+            else:
+                lp = response_logps(forward_logits(model, batch), batch, temperature=temperature).cpu()  # >= fp32
             logps.extend(lp[i, :n] for i, n in enumerate(lengths))
             if values is not None:
-                v = token_scores(values, batch["input_ids"], batch["attention_mask"])
+                if packing:
+                    per_slot = token_scores(values, inputs["input_ids"], inputs["attention_mask"],
+                                            position_ids=inputs["position_ids"])
+                    v = scatter_queries(per_slot.float().reshape(-1)[batch["pack_query_slot"]], batch,
+                                        batch["input_ids"].shape)
+                else:
+                    v = token_scores(values, batch["input_ids"], batch["attention_mask"])
                 v = response_columns(v.to(torch.promote_types(v.dtype, torch.float32)), batch).cpu()
                 vals.extend(v[i, :n] for i, n in enumerate(lengths))
     return logps, (vals if values is not None else None)
+
+
+def pack_same_queries(batch: dict[str, torch.Tensor], queries: Sequence[torch.Tensor], *,
+                      shared: bool) -> dict[str, torch.Tensor]:
+    """A rollout batch with its pack plan (``preftune.core.packing``); with ``shared``, the rows whose
+    query is the same (GRPO's and RLOO's K completions of a prompt) compute it once."""
+    from preftune.core.packing import add_packing
+
+    same: dict[tuple[int, ...], list[int]] = {}
+    for row, query in enumerate(queries):
+        same.setdefault(tuple(query.tolist()), []).append(row)
+    return add_packing(batch, groups=[rows for rows in same.values() if len(rows) > 1] if shared else ())
 
 
 def rollout_statistics(ro: Rollout, beta: float, reduce: Any) -> dict[str, float]:
@@ -322,14 +388,14 @@ def rollout_statistics(ro: Rollout, beta: float, reduce: Any) -> dict[str, float
 
 def policy_and_reference_logps(policy: Any, reference: Any, queries: Sequence[torch.Tensor],
                                responses: Sequence[torch.Tensor], *, value: Any, pad_token_id: int,
-                               temperature: float, batch_size: int,
-                               with_reference: bool = True) -> tuple[list[Any], list[Any] | None, list[Any] | None]:
+                               temperature: float, batch_size: int, with_reference: bool = True,
+                               packing: str = "") -> tuple[list[Any], list[Any] | None, list[Any] | None]:
     """Per-row response log-probs under the policy that sampled (and the value network's values, when
     ``value`` is one) and under the reference (``reference``, or the policy with its LoRA adapter
     disabled when ``reference`` is None; none at all, None, when ``with_reference`` is False)."""
     from preftune.models import adapter_disabled
 
-    kwargs = {"pad_token_id": pad_token_id, "temperature": temperature, "batch_size": batch_size}
+    kwargs = {"pad_token_id": pad_token_id, "temperature": temperature, "batch_size": batch_size, "packing": packing}
     logps, values = rollout_logps(policy, queries, responses, values=value, **kwargs)
     if not with_reference:
         return logps, values, None

@@ -50,9 +50,11 @@ class SFTMethod(OfflineMethod):
     def __init__(self, *, examples: list[Any] | None = None, eval_examples: list[Any] | None = None) -> None:
         super().__init__(examples, eval_examples)
         self.fused_lm_head = False  # the fused_lm_head key, once setup has checked the model's head
+        self.packing = ""  # "rows" or "" (padded rows): the packing key, once setup has checked the model
 
     def setup(self, ctx: RunContext) -> None:
         from preftune.core.logprobs import fused_lm_head_applies
+        from preftune.core.packing import packing_applies
         from preftune.models import load_policy, load_tokenizer
         from preftune.train.data import load_sft_items
 
@@ -62,14 +64,17 @@ class SFTMethod(OfflineMethod):
                                  gradient_checkpointing=config.gradient_checkpointing,
                                  trust_remote_code=config.trust_remote_code, tokenizer=self.tokenizer)
         self.fused_lm_head = config.fused_lm_head and fused_lm_head_applies(self.model, ctx.log)
+        self.packing = packing_applies(config, self.model, ctx.log)
         self.train_items, self.eval_items = load_sft_items(
             config, self.tokenizer, ctx.log, completion_only_loss=config.completion_only_loss,
             examples=self._given, eval_examples=self._given_eval)
 
     def collate(self, items: list[Any]) -> dict[str, torch.Tensor]:
+        from preftune.core.packing import add_packing
         from preftune.data.collate import collate_sft
 
-        return collate_sft(items, pad_token_id=self.tokenizer.pad_token_id, padding_side="right")
+        batch = collate_sft(items, pad_token_id=self.tokenizer.pad_token_id, padding_side="right")
+        return add_packing(batch) if self.packing else batch
 
     def units(self, batch: dict[str, torch.Tensor]) -> int:
         """Completion tokens that are predicted: labels at positions 1..T-1 that are not -100."""
@@ -82,7 +87,7 @@ class SFTMethod(OfflineMethod):
         (the scored tokens that are the model's arg-max)."""
         import torch
 
-        from preftune.core.logprobs import model_label_logps
+        from preftune.core.forward import model_label_logps
 
         # [B, T] log-probs, 0 where nothing is scored; hits: scored tokens that are the arg-max
         logps, hits = model_label_logps(model, batch, fused=self.fused_lm_head, hits=True)
