@@ -152,6 +152,7 @@ class DPOMethod(OfflineMethod):
 
     # ------------------------------------------------------------------------------------------ setup
     def setup(self, ctx: RunContext) -> None:
+        from preftune import timing
         from preftune.core.logprobs import fused_lm_head_applies
         from preftune.core.losses import LOSSES
         from preftune.core.packing import packing_applies
@@ -181,6 +182,19 @@ class DPOMethod(OfflineMethod):
         if not self.needs_reference:
             if config.ref_model:
                 ctx.log(f"loss {config.loss} uses no reference model; ref_model is ignored")
+            return
+        if config.precompute_ref_logps and not config.ref_model and not config.lora:
+            # pi_ref is the policy as loaded: the one pass runs on it (eval mode, no gradients), not on a
+            # copy (a copy would hold the weights twice while the optimizer state is allocated)
+            timing.mark("reference")
+            self.ref_model, was_training = self.model, self.model.training
+            self.model.eval()
+            try:
+                self.ref_hits = refcache.precompute_splits((("train", self.train_items), ("eval", self.eval_items)),
+                                                           self._precompute, ctx.log)
+            finally:
+                self.model.train(was_training)
+            self.ref_model = None
             return
         self.ref_model = build_reference(self.model, ref_model=config.ref_model, lora=config.lora, dtype=config.dtype,
                                          tokenizer=self.tokenizer, trust_remote_code=config.trust_remote_code)
