@@ -39,6 +39,18 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def dpo_config(tmp_path: Path, model_dir: Path) -> Path:
+    """A 2-step DPO config on PAIRS (float64 model, constant lr 1e-3, eval_batch_size 8)."""
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(p) + "\n" for p in PAIRS), encoding="utf-8")
+    config = tmp_path / "dpo.yaml"
+    config.write_text(
+        f"model: {model_dir}\ndata: {data}\nreport_to: none\nlearning_rate: 1.0e-3\n"
+        "lr_scheduler: constant\nmax_steps: 2\nlog_every: 1\nseed: 0\neval_batch_size: 8\nbeta: 0.1\n",
+        encoding="utf-8")
+    return config
+
+
 def _weights(path: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
@@ -60,13 +72,7 @@ def test_two_cpu_processes_equal_one_process(float64_model_dir: Path, tmp_path: 
     undone, a wrong normaliser, one process's data used twice) changes values at the 1e-3 level.
     The reference log-probs are computed with eval_batch_size 8 in both runs, so they are bit-identical.
     """
-    data = tmp_path / "pairs.jsonl"
-    data.write_text("".join(json.dumps(p) + "\n" for p in PAIRS), encoding="utf-8")
-    config = tmp_path / "dpo.yaml"
-    config.write_text(
-        f"model: {float64_model_dir}\ndata: {data}\nreport_to: none\nlearning_rate: 1.0e-3\n"
-        "lr_scheduler: constant\nmax_steps: 2\nlog_every: 1\nseed: 0\neval_batch_size: 8\nbeta: 0.1\n",
-        encoding="utf-8")
+    config = dpo_config(tmp_path, float64_model_dir)
 
     from preftune.train import run
     from preftune.train.loop import read_metrics

@@ -26,23 +26,14 @@ from preftune.train.loop import read_metrics, train
 from preftune.train.plan import micro_batches, padded_tokens, split_for_process, token_budget_split
 from preftune.train.sft import SFTConfig, SFTMethod
 from run_helpers import interrupt_at
-from test_loop import EXAMPLES, MORE_EXAMPLES
+from test_loop import EXAMPLES, MORE_EXAMPLES, _weights
+from test_loop import _config as _sft
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: one intra-op thread
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _sft(model: Path, out: Path, **values) -> SFTConfig:
-    base = {"model": str(model), "data": "in-memory", "output_dir": str(out), "report_to": "none",
-            "learning_rate": 1e-3, "lr_scheduler": "constant", "max_grad_norm": 0.0, "log_every": 1}
-    return from_mapping(SFTConfig, {**base, **values})
-
-
-def _weights(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    return load_file(str(path / "model.safetensors"))
 
 
 def _same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
@@ -248,15 +239,9 @@ def test_two_processes_with_a_budget_equal_one_without(float64_model_dir: Path, 
     step 2, so one process halves a micro-batch and both run 3). The same losses and grad norms (rel 1e-10)
     and weights (1e-10; see tests/test_distributed.py for why this tolerance)."""
     from preftune.train import run
-    from test_distributed import PAIRS
+    from test_distributed import dpo_config
 
-    data = tmp_path / "pairs.jsonl"
-    data.write_text("".join(json.dumps(p) + "\n" for p in PAIRS), encoding="utf-8")
-    config = tmp_path / "dpo.yaml"
-    config.write_text(
-        f"model: {float64_model_dir}\ndata: {data}\nreport_to: none\nlearning_rate: 1.0e-3\n"
-        "lr_scheduler: constant\nmax_steps: 2\nlog_every: 1\nseed: 0\neval_batch_size: 8\nbeta: 0.1\n",
-        encoding="utf-8")
+    config = dpo_config(tmp_path, float64_model_dir)
     run("dpo", config, batch_size=8, output_dir=str(tmp_path / "one"), ref_cache_dir=str(tmp_path / "cache1"))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "src")}
     cmd = [sys.executable, "-m", "accelerate.commands.launch",
