@@ -126,7 +126,9 @@ def plan_packing(input_ids: Tensor, attention_mask: Tensor, labels: Tensor | Non
     position = torch.zeros((len(rows), length), dtype=torch.long)
     segment = torch.full((len(rows), length), -1, dtype=torch.long)
     parent = torch.full((len(rows), length), -1, dtype=torch.long)
-    slot_of: dict[tuple[int, int], int] = {}  # (padded row, real index) -> flat slot
+    if labels is None and not last_token_queries:
+        raise ValueError("plan_packing needs labels unless last_token_queries=True")
+    slot_of = [torch.empty(len(c), dtype=torch.long) for c in cols]  # per padded row: real index -> flat slot
     next_segment = 0
     for r, members in enumerate(rows):
         at = 0
@@ -139,36 +141,31 @@ def plan_packing(input_ids: Tensor, attention_mask: Tensor, labels: Tensor | Non
                 segment[r, span] = next_segment
                 if par is not None:
                     parent[r, span] = first_segment + par
-                for j in range(lo, hi):
-                    slot_of[(row, j)] = r * length + at + (j - lo)
-                if par is None and shared_rows[u]:  # the shared prefix: every member's slots
-                    for other in shared_rows[u]:
-                        for j in range(lo, hi):
-                            slot_of[(other, j)] = r * length + at + (j - lo)
+                slots_here = torch.arange(r * length + at, r * length + at + hi - lo)
+                for owner in (shared_rows[u] if par is None and shared_rows[u] else (row,)):
+                    slot_of[owner][lo:hi] = slots_here  # a shared prefix: every member's slots
                 at += hi - lo
                 next_segment += 1
-    slots: list[int] = []
-    dests: list[int] = []
-    targets: list[int] = []
+    slots: list[Tensor] = []
+    dests: list[Tensor] = []
+    targets: list[Tensor] = []
     for n in range(n_rows):
         c = cols[n]
         if last_token_queries:
             if len(c):
-                slots.append(slot_of[(n, len(c) - 1)])
-                dests.append(n)
-                targets.append(0)
+                slots.append(slot_of[n][-1:])
+                dests.append(torch.tensor([n]))
+                targets.append(torch.zeros(1, dtype=torch.long))
             continue
-        if labels is None:
-            raise ValueError("plan_packing needs labels unless last_token_queries=True")
         row_labels = labels[n, c]
-        for j in torch.nonzero(row_labels[1:] != -100, as_tuple=False).flatten().tolist():
-            slots.append(slot_of[(n, j)])
-            dests.append(n * width + int(c[j]))
-            targets.append(int(row_labels[j + 1]))
-    as_long = lambda v: torch.tensor(v, dtype=torch.long)  # noqa: E731
+        scored = torch.nonzero(row_labels[1:] != -100, as_tuple=False).flatten()
+        slots.append(slot_of[n][scored])
+        dests.append(n * width + c[scored])
+        targets.append(row_labels[scored + 1])
+    joined = lambda parts: torch.cat(parts).long() if parts else torch.zeros(0, dtype=torch.long)  # noqa: E731
     return {"pack_index": index, "pack_position_ids": position, "pack_segment": segment, "pack_parent": parent,
-            "pack_query_slot": as_long(slots), "pack_query_dest": as_long(dests),
-            "pack_query_target": as_long(targets)}
+            "pack_query_slot": joined(slots), "pack_query_dest": joined(dests),
+            "pack_query_target": joined(targets)}
 
 
 def is_packed(batch: dict[str, Any]) -> bool:
