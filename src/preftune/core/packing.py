@@ -257,11 +257,6 @@ def scatter_queries(values: Tensor, batch: dict[str, Tensor], shape: Sequence[in
     return out.index_copy(0, batch["pack_query_dest"], values).reshape(*shape)
 
 
-def real_token_share(batch: dict[str, Tensor]) -> float:
-    """Real slots / all slots of a packed batch (the tails are the only waste)."""
-    return float((batch["pack_index"] >= 0).float().mean())
-
-
 def packing_applies(config: Any, model: Any, log: Callable[[str], None], *, share_prompt: bool = False,
                     scores: bool = False) -> str:
     """How a run packs its micro-batches: ``"shared"`` (packed rows, a pair's prompt once), ``"rows"``
@@ -294,11 +289,8 @@ def pack_pairs(batch: dict[str, Any], mode: str, *, last_token_queries: bool = F
 
 
 def add_packing(batch: dict[str, Any], *, groups: Sequence[Sequence[int]] = (), capacity: int | None = None,
-                last_token_queries: bool = False,
-                check: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+                last_token_queries: bool = False) -> dict[str, Any]:
     """``batch`` with its pack plan (:func:`plan_packing`) added."""
     batch.update(plan_packing(batch["input_ids"], batch["attention_mask"], batch.get("labels"), groups=groups,
                               capacity=capacity, last_token_queries=last_token_queries))
-    if check is not None:
-        check(batch)
     return batch
