@@ -86,11 +86,26 @@ def masked_var(x: Tensor, mask: Tensor | None = None, *, unbiased: bool = True) 
     return var
 
 
-def whiten(x: Tensor, mask: Tensor | None = None, *, shift_mean: bool = True, eps: float = 1e-8) -> Tensor:
+def global_mean_var(x: Tensor, mask: Tensor | None, reduce: Callable[[Tensor], Tensor]) -> tuple[Tensor, Tensor]:
+    """:func:`masked_mean` and :func:`masked_var` (unbiased) over the masked positions of every process:
+    ``reduce`` sums a float64 tensor over the processes (identity with one process)."""
+    m = torch.ones_like(x) if mask is None else mask.to(x.dtype)
+    sums = reduce(torch.stack([m.sum(), (x * m).sum()]).double()).to(x.device)
+    n = sums[0]
+    mean = sums[1] / n.clamp(min=1)
+    squares = reduce((((x.double() - mean) * m) ** 2).sum().reshape(1)).to(x.device)[0]
+    var = squares / n.clamp(min=1) * (n / (n - 1) if n > 1 else 1.0)
+    return mean.to(x.dtype), var.to(x.dtype)
+
+
+def whiten(x: Tensor, mask: Tensor | None = None, *, shift_mean: bool = True, eps: float = 1e-8,
+           reduce: Callable[[Tensor], Tensor] | None = None) -> Tensor:
     """``(x - mean) / sqrt(var + eps)`` over the masked positions (0 elsewhere); with
     ``shift_mean=False`` the mean is added back (only the scale changes), as PPO does for rewards
-    (Ziegler et al. 2019's code, ``lm_human_preferences``; TRL ``whiten``)."""
-    mean, var = masked_mean(x, mask), masked_var(x, mask)
+    (Ziegler et al. 2019's code, ``lm_human_preferences``; TRL ``whiten``). ``reduce`` (a float64 sum over
+    processes): the mean and variance of the whole rollout, not of this process's share, so W processes
+    whiten as one does."""
+    mean, var = (masked_mean(x, mask), masked_var(x, mask)) if reduce is None else global_mean_var(x, mask, reduce)
     out = (x - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
         out = out + mean
@@ -228,10 +243,14 @@ def leave_one_out_advantages(rewards: Tensor, num_samples: int) -> Tensor:
     return (grouped - baseline).reshape(rewards.shape)
 
 
-def mean_baseline_advantages(rewards: Tensor) -> Tensor:
+def mean_baseline_advantages(rewards: Tensor, reduce: Callable[[Tensor], Tensor] | None = None) -> Tensor:
     """REINFORCE with the batch-mean baseline: ``A_i = R_i - mean_j R_j`` (Williams 1992, Sec. 4,
-    a baseline b that does not depend on the action keeps the gradient unbiased)."""
-    return rewards - rewards.mean()  # Williams 1992: (r - b) with b the mean reward of the batch
+    a baseline b that does not depend on the action keeps the gradient unbiased); ``reduce`` (a float64 sum
+    over processes): the mean of every process's rewards."""
+    if reduce is None:
+        return rewards - rewards.mean()  # Williams 1992: (r - b) with b the mean reward of the batch
+    count, total = reduce(torch.tensor([rewards.numel(), rewards.double().sum().item()], dtype=torch.float64)).tolist()
+    return rewards - torch.tensor(total / max(count, 1.0), dtype=rewards.dtype)
 
 
 GROUP_SCALES = ("group", "batch", "none")

@@ -64,10 +64,11 @@ class PPOConfig(OnlineConfig):
 def gae_advantages(ro: Rollout, c: PPOConfig) -> tuple[list[dict[str, Any]], dict[str, float]]:
     from preftune.core.rl import gae, whiten
 
-    rewards = whiten(ro.rewards, ro.mask, shift_mean=False) if c.whiten_rewards else ro.rewards
+    # whitening statistics over the whole rollout (every process's share), so W processes train as one
+    rewards = whiten(ro.rewards, ro.mask, shift_mean=False, reduce=ro.reduce) if c.whiten_rewards else ro.rewards
     advantages, returns = gae(rewards, ro.values, ro.mask, gamma=c.gamma, lam=c.lam)
     if c.whiten_advantages:
-        advantages = whiten(advantages, ro.mask)
+        advantages = whiten(advantages, ro.mask, reduce=ro.reduce)
     return ro.items(old_logps=ro.logps, old_values=ro.values, advantages=advantages, returns=returns), {}
 
 

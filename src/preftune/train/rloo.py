@@ -57,12 +57,12 @@ def baseline_advantages(ro: Rollout, c: RLOOConfig) -> tuple[list[dict[str, Any]
     rewards = ro.rewards.sum(-1)  # r(x, y) - beta * sum_t KL_t
     if c.baseline == "leave_one_out":
         advantages = leave_one_out_advantages(rewards, ro.num_samples)
-    elif c.baseline == "mean":
-        advantages = mean_baseline_advantages(rewards)
+    elif c.baseline == "mean":  # the mean and the whitening over every process's share, as one process
+        advantages = mean_baseline_advantages(rewards, ro.reduce)
     else:
         advantages = rewards
     if c.whiten_advantages:
-        advantages = whiten(advantages)
+        advantages = whiten(advantages, reduce=ro.reduce)
     return ro.items(old_logp=(ro.logps * ro.mask).sum(-1), advantage=advantages), {}
 
 
