@@ -424,18 +424,20 @@ def test_config_differences_follow_a_moved_run_directory() -> None:
         "data: /a/out/prefs/train.jsonl -> /b/copy/prefs/other.jsonl", "max_steps: 40 -> 10"]
 
 
-def test_checkpoints_are_refused_under_fsdp_and_deepspeed() -> None:
-    """Checkpoints hold full states; sharded ones (FSDP, DeepSpeed) are not saved, so save_every is refused."""
+def test_checkpoints_are_refused_under_deepspeed_and_fsdp1() -> None:
+    """FSDP2 checkpoints are sharded per process (tests/test_fsdp.py); DeepSpeed's partitioned engine state
+    and FSDP1's are not saved, so save_every is refused there."""
     from types import SimpleNamespace
 
     from preftune.train.rundir import RunDir, check_checkpoints_supported
 
-    for kind, ok in [("DistributedType.NO", True), ("DistributedType.MULTI_GPU", True),
-                     ("DistributedType.FSDP", False), ("DistributedType.DEEPSPEED", False)]:
-        assert checkpoints_supported(SimpleNamespace(distributed_type=kind)) is ok
+    for kind, fsdp2, ok in [("DistributedType.NO", False, True), ("DistributedType.MULTI_GPU", False, True),
+                            ("DistributedType.FSDP", True, True), ("DistributedType.FSDP", False, False),
+                            ("DistributedType.DEEPSPEED", False, False)]:
+        assert checkpoints_supported(SimpleNamespace(distributed_type=kind, is_fsdp2=fsdp2)) is ok
     config = from_mapping(SFTConfig, {"model": "m", "data": "d", "save_every": 10})
-    with pytest.raises(PreftuneError, match="not under FSDP or DeepSpeed") as caught:
-        check_checkpoints_supported(SimpleNamespace(distributed_type="DistributedType.FSDP"), config,
+    with pytest.raises(PreftuneError, match="not under DeepSpeed") as caught:
+        check_checkpoints_supported(SimpleNamespace(distributed_type="DistributedType.DEEPSPEED"), config,
                                     RunDir(Path("out"), [], None, explicit=False))
     assert caught.value.field == "save_every"
 

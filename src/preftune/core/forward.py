@@ -146,4 +146,5 @@ def packed_scores(model: Any, batch: dict[str, Tensor], head: torch.nn.Module) -
     finally:
         handle.remove()
     per_slot = captured[-1][..., 0].reshape(-1)
-    return scatter_queries(per_slot[batch["pack_query_slot"]], batch, (batch["input_ids"].shape[0],)).float()
+    scores = scatter_queries(per_slot[batch["pack_query_slot"]], batch, (batch["input_ids"].shape[0],))
+    return scores.to(torch.promote_types(scores.dtype, torch.float32))  # as models.load.sequence_scores

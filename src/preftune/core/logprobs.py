@@ -38,6 +38,7 @@ __all__ = [
     "auto_chunk_size",
     "fused_lm_head_applies",
     "lm_head_parts",
+    "sharded_launch",
     "sequence_logps",
     "next_token_labels",
     "position_ids_from_mask",
@@ -338,6 +339,17 @@ def label_logps(logits: Tensor, labels: Tensor, *, temperature: float = 1.0,
 # ------------------------------------------------------------------------------------------------ fused lm_head
 
 
+def sharded_launch() -> bool:
+    """True when the launcher shards the parameters (accelerate's FSDP, DeepSpeed ZeRO-3; its environment says
+    so before the model is sharded): a head read outside the model's own forward would see one shard."""
+    import os
+
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").strip().lower() == "true":
+        return True
+    return (os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").strip().lower() == "true"
+            and os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3")
+
+
 def lm_head_parts(model: torch.nn.Module) -> tuple[Tensor, Tensor | None, float | None] | None:
     """``(weight, bias, softcap)`` of a Hugging Face causal LM's output head if the fused path applies.
 
@@ -349,7 +361,7 @@ def lm_head_parts(model: torch.nn.Module) -> tuple[Tensor, Tensor | None, float 
     inner = model
     while hasattr(inner, "module") and isinstance(inner.module, torch.nn.Module):  # DDP / accelerate wrappers
         inner = inner.module
-    if type(inner).__name__.startswith("FullyShardedDataParallel"):
+    if type(inner).__name__.startswith("FullyShardedDataParallel") or sharded_launch():
         return None
     get_head = getattr(inner, "get_output_embeddings", None)
     head = get_head() if callable(get_head) else None

@@ -263,11 +263,13 @@ def packing_applies(config: Any, model: Any, log: Callable[[str], None], *, shar
     (packed rows) or ``""`` (padded rows: the ``packing`` key is off, or the model is one the packed path
     does not reproduce exactly; then says why through ``log``). ``scores``: a reward model (its score
     head is read at the last token; the lm_head is not needed)."""
-    from preftune.core.logprobs import lm_head_parts
+    from preftune.core.logprobs import lm_head_parts, sharded_launch
 
     if not getattr(config, "packing", False):
         return ""
     why = packing_unsupported(model, longest_row=2 * int(getattr(config, "max_length", 0) or 0) or None)
+    if why is None and sharded_launch():
+        why = "the launcher shards the parameters (FSDP, DeepSpeed ZeRO-3) and packed rows read the output head directly"
     if why is None and not scores and lm_head_parts(model) is None:
         why = ("the output head is not a plain, unsharded torch.nn.Linear without logit_scale (LoRA or "
                "modules_to_save on lm_head, FSDP)")

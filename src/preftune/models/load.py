@@ -390,11 +390,16 @@ def sequence_scores(model: Any, input_ids: torch.Tensor, attention_mask: torch.T
 
     The index comes from ``attention_mask`` (``last_token_index``), not from searching for the pad id as
     the Hugging Face head does, so it is right for left and right padding and when pad == EOS
-    (``token_scores`` at that index). Returns float32 [B].
+    (``token_scores`` at that index). Returns [B] in float32, or float64 for a float64 model.
     """
     per_token = token_scores(model, input_ids, attention_mask)  # [B, T]
     rows = torch.arange(input_ids.shape[0], device=input_ids.device)
-    return per_token[rows, last_token_index(attention_mask).to(input_ids.device)].float()
+    return at_least_float32(per_token[rows, last_token_index(attention_mask).to(input_ids.device)])
+
+
+def at_least_float32(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in float32 when it is in a narrower float type (bf16, fp16); float64 stays float64."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
 @torch.no_grad()

@@ -19,6 +19,9 @@ class PolicyWithValue(torch.nn.Module):
     def __init__(self, policy: torch.nn.Module, value: torch.nn.Module | None = None) -> None:
         super().__init__()
         self.policy, self.value = policy, value
+        # the blocks FSDP shards one by one (accelerate's transformer auto-wrap reads this list)
+        self._no_split_modules = sorted({*(getattr(policy, "_no_split_modules", None) or ()),
+                                         *(getattr(value, "_no_split_modules", None) or ())})
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor | None = None,
                 use_cache: bool = False, with_values: bool = False) -> SimpleNamespace:
@@ -33,7 +36,11 @@ class PolicyWithValue(torch.nn.Module):
         return SimpleNamespace(logits=logits, values=values)
 
     def save_pretrained(self, path: Any, **kwargs: Any) -> None:
-        """The policy only: the saved directory loads with ``AutoModelForCausalLM``."""
+        """The policy only: the saved directory loads with ``AutoModelForCausalLM`` (a ``state_dict`` of the
+        whole module, gathered from a sharded one, is cut to the policy's entries)."""
+        if kwargs.get("state_dict") is not None:
+            kwargs["state_dict"] = {k.removeprefix("policy."): v for k, v in kwargs["state_dict"].items()
+                                    if k.startswith("policy.")}
         self.policy.save_pretrained(path, **kwargs)
 
     def merge_and_unload(self) -> torch.nn.Module:

@@ -265,7 +265,8 @@ class OnlineConfig(TrainConfig):
         "max_completion_length": "the completion's limit in tokens; max_length limits prompt + completion",
         "beta": "the KL coefficient of the online methods",
     }
-    resume_may_change: ClassVar[tuple[str, ...]] = (*TrainConfig.resume_may_change, "sample_every", "sample_rows")
+    resume_may_change: ClassVar[tuple[str, ...]] = (*TrainConfig.resume_may_change, "sample_every", "sample_rows",
+                                                    "vllm_gpu_memory_utilization")
 
     data: str = opt("", "training prompts: a text file (one per line), JSONL with prompt or messages, or "
                     "preference data (its prompts)")
@@ -299,6 +300,12 @@ class OnlineConfig(TrainConfig):
     template: str = opt("raw", "prompt template: raw, chat, tldr or a format string containing {prompt}")
     generation_batch_size: int | None = opt(None, "completions per generate / scoring call; null = "
                                             "batch_size x num_samples", ge=1)
+    rollout_backend: str = opt("transformers", "what samples the rollouts: transformers (policy.generate) or vllm "
+                               "(a vLLM engine on the training GPU, weights synced after updates; pip install "
+                               "vllm; docs/vllm.md)", choices=("transformers", "vllm"))
+    vllm_gpu_memory_utilization: float = opt(0.3, "with rollout_backend vllm: share of the GPU's memory the vLLM "
+                                             "engine takes (its weights and KV cache); training has the rest",
+                                             gt=0, le=1)
     missing_eos_penalty: float | None = opt(None, "subtract this from the score of a completion that did not "
                                             "end with EOS within max_new_tokens; null = no penalty", ge=0,
                                             why="a negative penalty would reward completions that never end")
@@ -414,7 +421,7 @@ class TrainingMethod(Protocol):
 
     def before_step(self, model: torch.nn.Module, step: int) -> list[Any] | None: ...
 
-    def save(self, model: torch.nn.Module, path: Path) -> None: ...
+    def save(self, model: torch.nn.Module, path: Path, *, state_dict: dict[str, Any] | None = None) -> None: ...
 
 
 class OfflineMethod:
@@ -432,8 +439,9 @@ class OfflineMethod:
     def before_step(self, model: torch.nn.Module, step: int) -> None:
         return None
 
-    def save(self, model: torch.nn.Module, path: Path) -> None:
-        model.save_pretrained(path)
+    def save(self, model: torch.nn.Module, path: Path, *, state_dict: dict[str, Any] | None = None) -> None:
+        """``save_pretrained`` + tokenizer; ``state_dict``: the full weights gathered from a sharded model."""
+        model.save_pretrained(path, **({"state_dict": state_dict} if state_dict is not None else {}))
         self.tokenizer.save_pretrained(path)
 
 

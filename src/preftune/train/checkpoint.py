@@ -6,7 +6,9 @@ JSON, except an online method's state, read with ``torch.load(weights_only=True)
 Python values only). Format version 1:
 
 * ``model.safetensors``: the trained model's weights (every process holds the same; the main process
-  writes them);
+  writes them); under FSDP2 instead ``model_shard_R.safetensors`` and ``optimizer_shard_R.safetensors`` (one
+  per process R: its shards of the weights and of AdamW's moments; ``preftune.train.sharded``), and the
+  manifest says ``"sharded": true``;
 * ``optimizer.safetensors`` + ``optimizer.json``: the optimizer's tensors (AdamW's step, exp_avg and
   exp_avg_sq, named ``<parameter index>/<name>``) and the rest of its ``state_dict`` (the param groups);
 * ``scheduler.json``: the learning-rate scheduler's ``state_dict``; ``scaler.json``: the fp16 gradient
@@ -56,6 +58,12 @@ MODEL_FILE = "model.safetensors"
 OPTIMIZER_TENSORS, OPTIMIZER_REST = "optimizer.safetensors", "optimizer.json"
 SCHEDULER_FILE, SCALER_FILE = "scheduler.json", "scaler.json"
 _REQUIRED = (MODEL_FILE, OPTIMIZER_TENSORS, OPTIMIZER_REST, SCHEDULER_FILE, STATE_FILE, CONFIG_FILE)
+_SHARDED = (OPTIMIZER_REST, SCHEDULER_FILE, STATE_FILE, CONFIG_FILE)  # + model_shard_R, optimizer_shard_R
+
+
+def shard_files(rank: int) -> tuple[str, str]:
+    """Process ``rank``'s files of a sharded (FSDP2) checkpoint: its model shards, its optimizer shards."""
+    return f"model_shard_{rank}.safetensors", f"optimizer_shard_{rank}.safetensors"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 _FILE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 DAMAGED_HINT = ("delete that checkpoint directory (resume then uses the previous one), or start over with "
@@ -162,8 +170,12 @@ def read_manifest(path: Path, *, num_processes: int | None = None) -> dict[str, 
             raise CheckpointDamaged(path, f"{name} has {file.stat().st_size} bytes, the manifest says {size} "
                                     "(a torn or replaced file)", file=name)
     saved_processes = manifest.get("num_processes")
-    needed = [*_REQUIRED, *(f"rng_state_{r}.json" for r in range(saved_processes if isinstance(
-        saved_processes, int) else 1))]
+    ranks = range(saved_processes if isinstance(saved_processes, int) else 1)
+    if manifest.get("sharded"):
+        needed = [*_SHARDED, *(name for r in ranks for name in shard_files(r))]
+    else:
+        needed = list(_REQUIRED)
+    needed += [f"rng_state_{r}.json" for r in ranks]
     for name in needed:
         if name not in files:
             raise CheckpointDamaged(path, f"{name} is missing", file=name)
@@ -184,10 +196,10 @@ def unlisted_files(path: Path, manifest: dict[str, Any]) -> list[str]:
 
 
 def checkpoints_supported(accelerator: Any) -> bool:
-    """Checkpoints hold full (unsharded) model and optimizer states: single process and DDP, not FSDP or
-    DeepSpeed, whose sharded states preftune does not save."""
+    """Single process, DDP and FSDP2 runs write checkpoints; DeepSpeed runs do not (its engine keeps its own
+    partitioned optimizer state, which preftune does not save)."""
     kind = str(getattr(accelerator, "distributed_type", "")).upper()
-    return "FSDP" not in kind and "DEEPSPEED" not in kind
+    return "DEEPSPEED" not in kind and ("FSDP" not in kind or bool(getattr(accelerator, "is_fsdp2", False)))
 
 
 def save_checkpoint(accelerator: Any, state: TrainerState, output_dir: Path, *, keep: int, model: Any,
@@ -204,12 +216,22 @@ def save_checkpoint(accelerator: Any, state: TrainerState, output_dir: Path, *, 
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    if main:
-        save_model(accelerator.unwrap_model(model), str(tmp / MODEL_FILE))
-        tensors, rest = _split_optimizer_state(optimizer.state_dict())
-        save_file(tensors, str(tmp / OPTIMIZER_TENSORS))
-        for name in (MODEL_FILE, OPTIMIZER_TENSORS):
+    from preftune.train.sharded import is_sharded, local_state
+
+    sharded = is_sharded(model)
+    tensors, rest = _split_optimizer_state(optimizer.state_dict())
+    if sharded:  # every process its own shards (preftune.train.sharded)
+        names = shard_files(rank)
+        save_file(local_state(model), str(tmp / names[0]))
+        save_file(tensors, str(tmp / names[1]))
+        for name in names:
             sync_file(tmp / name)
+    if main:
+        if not sharded:
+            save_model(accelerator.unwrap_model(model), str(tmp / MODEL_FILE))
+            save_file(tensors, str(tmp / OPTIMIZER_TENSORS))
+            for name in (MODEL_FILE, OPTIMIZER_TENSORS):
+                sync_file(tmp / name)
         write_json(tmp / OPTIMIZER_REST, rest)
         write_json(tmp / SCHEDULER_FILE, scheduler.state_dict())
         scaler = getattr(accelerator, "scaler", None)
@@ -225,7 +247,8 @@ def save_checkpoint(accelerator: Any, state: TrainerState, output_dir: Path, *, 
     if main:
         files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir())}
         write_json(tmp / MANIFEST, {"format": FORMAT, "version": VERSION, "step": state.step,
-                                    "num_processes": accelerator.num_processes, "files": files})
+                                    "num_processes": accelerator.num_processes, "files": files,
+                                    **({"sharded": True} if sharded else {})})
         sync_dir(tmp)
         if final.exists():
             shutil.rmtree(final)
@@ -242,13 +265,15 @@ def _split_optimizer_state(state_dict: dict[str, Any]) -> tuple[dict[str, Any], 
     """An optimizer ``state_dict`` as (tensors named ``<param>/<name>``, everything else as JSON values)."""
     import torch
 
+    from preftune.train import sharded
+
     tensors: dict[str, Any] = {}
     rest: dict[str, Any] = {}
     for param, values in state_dict["state"].items():
         rest[str(param)] = {}
         for name, value in values.items():
             if isinstance(value, torch.Tensor):
-                tensors[f"{param}/{name}"] = value.detach().cpu().contiguous()
+                tensors[f"{param}/{name}"] = sharded.local(value).detach().cpu().contiguous()
             else:
                 rest[str(param)][name] = value
     return tensors, {"state": rest, "param_groups": state_dict["param_groups"]}
@@ -304,19 +329,31 @@ def load_checkpoint(accelerator: Any, path: Path, *, model: Any, optimizer: Any,
         reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
         return CheckpointDamaged(path, f"{name}: {reason}", file=name)
 
+    from preftune.train.sharded import is_sharded, load_local_state
+
+    sharded = bool(manifest.get("sharded"))
+    if sharded != is_sharded(model):
+        raise PreftuneError(f"the checkpoint was written {'with' if sharded else 'without'} FSDP, this run "
+                            f"{'uses' if is_sharded(model) else 'does not use'} it", path=str(path),
+                            hint="resume with the launcher config that wrote it, or start over with resume: never")
+    model_file, optimizer_file = shard_files(rank) if sharded else (MODEL_FILE, OPTIMIZER_TENSORS)
     try:
-        load_model(accelerator.unwrap_model(model), str(path / MODEL_FILE), strict=True)
+        if sharded:
+            load_local_state(model, load_file(str(path / model_file)))
+        else:
+            load_model(accelerator.unwrap_model(model), str(path / MODEL_FILE), strict=True)
     except (SafetensorError, RuntimeError, OSError, ValueError) as exc:
-        raise damaged(MODEL_FILE, exc) from None
+        raise damaged(model_file, exc) from None
     try:
-        tensors = load_file(str(path / OPTIMIZER_TENSORS))
+        tensors = load_file(str(path / optimizer_file))
     except (SafetensorError, RuntimeError, OSError, ValueError) as exc:
-        raise damaged(OPTIMIZER_TENSORS, exc) from None
+        raise damaged(optimizer_file, exc) from None
     rest = _read_json(path, OPTIMIZER_REST)
     try:
-        optimizer.load_state_dict(_join_optimizer_state(tensors, rest))
-    except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as exc:
-        raise damaged(f"{OPTIMIZER_TENSORS} / {OPTIMIZER_REST}", exc) from None
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        optimizer.load_state_dict(_join_optimizer_state(tensors, rest, params=params))
+    except (KeyError, TypeError, ValueError, RuntimeError, AttributeError, IndexError) as exc:
+        raise damaged(f"{optimizer_file} / {OPTIMIZER_REST}", exc) from None
     try:
         scheduler.load_state_dict(_read_json(path, SCHEDULER_FILE))
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
@@ -364,12 +401,15 @@ def _read_json(path: Path, name: str) -> Any:
         raise CheckpointDamaged(path, f"{name} cannot be read ({exc.strerror or exc})", file=name) from None
 
 
-def _join_optimizer_state(tensors: dict[str, Any], rest: dict[str, Any]) -> dict[str, Any]:
-    """The inverse of ``_split_optimizer_state``."""
+def _join_optimizer_state(tensors: dict[str, Any], rest: dict[str, Any], *, params: list[Any] = ()) -> dict[str, Any]:
+    """The inverse of ``_split_optimizer_state``; ``params`` (the optimizer's, in order): shards become
+    ``DTensor``s laid out like their parameter (FSDP2)."""
+    from preftune.train.sharded import to_like
+
     state: dict[int, dict[str, Any]] = {int(param): dict(values) for param, values in rest["state"].items()}
     for key, tensor in tensors.items():
         param, name = key.split("/", 1)
-        state[int(param)][name] = tensor
+        state[int(param)][name] = to_like(tensor, params[int(param)]) if params else tensor
     groups = [{k: tuple(v) if isinstance(v, list) and k != "params" else v for k, v in group.items()}
               for group in rest["param_groups"]]
     return {"state": state, "param_groups": groups}

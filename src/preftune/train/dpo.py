@@ -160,6 +160,7 @@ class DPOMethod(OfflineMethod):
         from preftune.models.load import build_reference
         from preftune.train import refcache
         from preftune.train.data import load_preference_items
+        from preftune.train.sharded import place_reference
 
         config: DPOConfig = ctx.config
         self.config, self.accelerator = config, ctx.accelerator
@@ -203,7 +204,7 @@ class DPOMethod(OfflineMethod):
                                                        self._precompute, ctx.log)
             self.ref_model = None  # every pair now carries its reference log-probs
         elif self.ref_model is not None:
-            self.ref_model.to(ctx.accelerator.device)
+            self.ref_model = place_reference(self.ref_model, ctx.accelerator)
 
     def _reference_logps(self, model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Summed reference log-probs [2B] of a batch, without gradients."""

@@ -49,6 +49,7 @@ from preftune.train.rundir import (
     inspect_run,
     mark_finished,
     resume_latest,
+    save_final,
     start_run,
 )
 from preftune.train.schedule import lr_schedule
@@ -59,17 +60,19 @@ from preftune.train.schedule import lr_schedule
 def train(method: TrainingMethod, config: TrainConfig) -> Path:
     """Train ``method`` as ``config`` says; return ``OUTPUT_DIR/final`` (the saved model and tokenizer)."""
     timing.start("imports")  # the start-up clock (preftune.timing); `preftune train` started it already
-    from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration, set_seed
+
+    from preftune.train.strategy import describe, make_accelerator
 
     out = Path(config.output_dir)
     trackers = _trackers(config.report_to)
     timing.mark("accelerate")
-    accelerator = Accelerator(
-        cpu=_distributed_cpu(), mixed_precision=config.mixed_precision, log_with=trackers or None,
+    accelerator = make_accelerator(  # the launcher's strategy, or an error if it cannot be honoured
+        config, log_with=trackers or None,
         project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
     )
     log = _main_print(accelerator)
+    log(describe(accelerator))
     try:
         set_seed(config.seed)
         # the run directory: a previous run with other settings is refused before anything loads
@@ -133,13 +136,13 @@ def train(method: TrainingMethod, config: TrainConfig) -> Path:
                     save()
                 if step_log["stop"]:
                     if not checkpoints_supported(accelerator):
-                        log("interrupted; no checkpoint is saved under FSDP / DeepSpeed")
+                        log("interrupted; no checkpoint is saved under DeepSpeed")
                         raise KeyboardInterrupt
                     path = checkpoint_dir(out, state.step) if saved else save()
                     log(f"interrupted: saved {path}; run the same command again to continue")
                     raise KeyboardInterrupt
 
-        final = _save_final(method, model, accelerator, config, out, log)
+        final = save_final(method, model, accelerator, config, out, log)
         if accelerator.is_main_process:
             mark_finished(out, state)
         accelerator.wait_for_everyone()
@@ -222,14 +225,17 @@ def _train_step(method: TrainingMethod, model: Any, optimizer: Any, scheduler: A
 def evaluate(method: TrainingMethod, model: Any, accelerator: Any, config: TrainConfig) -> dict[str, float]:
     """``eval/loss`` and ``eval/<metric>`` over all eval items: sums over units, divided by the total units."""
     items = method.eval_items[accelerator.process_index::accelerator.num_processes]
-    weight = 1.0 if items else 0.0  # a process without eval items joins the all-reduce with zeros
-    items = items or method.eval_items[:1]
     size = config.eval_batch_size or config.batch_size
+    # every process runs as many batches as the first (it has the most items): a sharded model's forward is
+    # collective; a process out of items runs the first item again with weight 0 (it joins with zeros)
+    batches = -(-len(method.eval_items[::accelerator.num_processes]) // size)
     model.eval()
     sums: dict[str, torch.Tensor] = {}
     units = 0.0
-    for start in range(0, len(items), size):
-        batch = _to_device(method.collate(items[start:start + size]), accelerator.device)
+    for start in range(0, batches * size, size):
+        chunk = items[start:start + size]
+        weight = 1.0 if chunk else 0.0
+        batch = _to_device(method.collate(chunk or method.eval_items[:1]), accelerator.device)
         units += weight * float(method.units(batch))
         out = method.loss(model, batch, normaliser=1.0)  # normaliser 1: the loss comes back as a sum
         for name, value in {"loss": out.loss, **out.metric_sums}.items():
@@ -240,23 +246,6 @@ def evaluate(method: TrainingMethod, model: Any, accelerator: Any, config: Train
                           *(torch.as_tensor(sums.get(n, 0.0), dtype=torch.float64).cpu() for n in names)])
     packed = accelerator.reduce(packed.to(accelerator.device), reduction="sum").tolist()
     return {f"eval/{n}": v / packed[0] for n, v in zip(names, packed[1:], strict=True)} if packed[0] > 0 else {}
-
-
-def _save_final(method: TrainingMethod, model: Any, accelerator: Any, config: TrainConfig, out: Path,
-                log: Any) -> Path:
-    """``OUTPUT_DIR/final`` (LoRA: the adapter) and, with ``merge_lora``, ``OUTPUT_DIR/final-merged``."""
-    accelerator.wait_for_everyone()
-    final = out / "final"
-    if accelerator.is_main_process:
-        inner = accelerator.unwrap_model(model)
-        method.save(inner, final)
-        log(f"saved the final model to {final}")
-        if config.lora and config.merge_lora:
-            merged = inner.merge_and_unload()
-            method.save(merged, out / "final-merged")
-            log(f"saved the merged model to {out / 'final-merged'}")
-    accelerator.wait_for_everyone()
-    return final
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -430,14 +419,6 @@ def _item_lengths(method: TrainingMethod, state: TrainerState, config: TrainConf
 def _format_eval(record: dict[str, Any]) -> str:
     values = ", ".join(f"{k} {v:.4g}" for k, v in record.items() if k.startswith("eval/"))
     return f"step {record['step']}: {values}"
-
-
-def _distributed_cpu() -> bool:
-    """True when launched as several processes (torchrun, accelerate launch) on a machine without CUDA:
-    accelerate then needs ``cpu=True`` to form a gloo process group instead of running W separate copies."""
-    import os
-
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
 
 
 def _release(accelerator: Any) -> None:

@@ -3,6 +3,7 @@
 Each rollout, on each process (``OnlineMethod.make_rollout``)::
 
     (1) generate    K completions per prompt with the current policy       rollout.sample_responses
+                    (rollout_backend vllm: a colocated vLLM engine)          train.vllm_rollout
     (2) score       each (prompt, completion): reward model or function      models.rewards.load_scorer
                     (several rewards: standardised, then mean, min, maxmin    train.multireward.RewardSet
                     or weighted; maxmin: the lowest group's, MaxMin-RLHF)
@@ -70,6 +71,7 @@ class OnlineMethod:
     """
 
     recipe: ClassVar[OnlineRecipe]
+    vllm_api: Any = None  # rollout_backend vllm: a stand-in for the vllm module (tests); None = import vllm
 
     def __init__(self, *, prompts: list[Any] | None = None, reward_fn: Any = None) -> None:
         self._prompts, self._reward_fn = prompts, reward_fn
@@ -80,6 +82,7 @@ class OnlineMethod:
         self.buffer: dict[str, Any] | None = None
         self.updates_per_batch = 1
         self.packing = ""  # "shared", "rows" or "" (padded rows): the packing key, once setup has checked the model
+        self.vllm: Any = None  # the vLLM rollout engine (train.vllm_rollout.VLLMRollout) with rollout_backend vllm
 
     # ------------------------------------------------------------------------------------------ setup
     def setup(self, ctx: RunContext) -> None:
@@ -96,6 +99,7 @@ class OnlineMethod:
         from preftune.train.multireward import RewardSet
         from preftune.train.ptx import PtxRows
         from preftune.train.rollout import SamplesFile, encode_prompts
+        from preftune.train.vllm_rollout import VLLMRollout, check_backend
 
         c: OnlineConfig = ctx.config
         self.config, self.accelerator = c, ctx.accelerator
@@ -106,6 +110,7 @@ class OnlineMethod:
             raise PreftuneError("is required: a reward-model directory or hub id, or module:function",
                                 field="reward", hint="e.g. reward: runs/reward/final or reward: my_rewards.py:score "
                                 "(or several: rewards: [a.py:score, runs/rm_b/final])")
+        vllm_api = check_backend(c, ctx.accelerator, self.vllm_api)  # before anything loads
         if c.ptx_coef > 0 and ctx.accelerator.num_processes > 1:
             raise PreftuneError("PPO-ptx runs a second forward pass per micro-batch, which DDP does not allow",
                                 field="ptx_coef", hint="train with one process, or set ptx_coef: 0")
@@ -124,6 +129,9 @@ class OnlineMethod:
                                                          is_function_spec(c.reward) else c.model), config=c,
                                        tokenizer=self.tokenizer, log=ctx.log)
         self.model = PolicyWithValue(policy, value)
+        if vllm_api is not None:  # the engine itself starts at the first rollout
+            self.vllm = VLLMRollout(vllm_api, c, self.tokenizer, ctx.accelerator, log=ctx.log,
+                                    real=self.vllm_api is None)
         self.packing = packing_applies(c, policy, ctx.log, share_prompt=c.share_prompt)
         if self.packing and value is not None and packing_unsupported(value):
             ctx.log(f"packing: off: the value network uses {packing_unsupported(value)}")
@@ -205,6 +213,7 @@ class OnlineMethod:
             rollout_statistics,
             sample_responses,
         )
+        from preftune.train.sharded import unsharded
 
         c, k, acc, tok = self.config, self.config.num_samples, self.accelerator, self.tokenizer
 
@@ -217,10 +226,13 @@ class OnlineMethod:
         first_row = acc.process_index * len(queries)
         seeds = [rollout_seed(c.seed, rollout, first_row + j) for j in range(len(queries))]
         policy, value = unwrap(model).policy, unwrap(model).value
-        with acc.autocast():
-            # (1) generate K completions per prompt with the current policy (KV cache, left padding)
-            responses = sample_responses(policy, tok, queries, seeds=seeds, settings=self.settings,
-                                         batch_size=self._generation_batch())
+        with acc.autocast(), unsharded(model):  # FSDP: the root's own weights, for calls that bypass its forward
+            # (1) generate K completions per prompt with the current policy (KV cache, left padding; or
+            #     the vLLM engine, its weights synced when updates ran since its last rollout)
+            responses = (self.vllm.sample(policy, queries, seeds=seeds, settings=self.settings, step=step)
+                         if self.vllm is not None else
+                         sample_responses(policy, tok, queries, seeds=seeds, settings=self.settings,
+                                          batch_size=self._generation_batch()))
             logps, values, ref_logps = policy_and_reference_logps(
                 policy, self.reference, queries, responses, value=value, pad_token_id=tok.pad_token_id,
                 temperature=c.temperature, batch_size=self._generation_batch(), with_reference=self.with_reference,
@@ -314,7 +326,7 @@ class OnlineMethod:
         if "rewards" in state:
             self.rewards.load_state_dict(state["rewards"])
 
-    def save(self, model: torch.nn.Module, path: Path) -> None:
+    def save(self, model: torch.nn.Module, path: Path, *, state_dict: dict[str, Any] | None = None) -> None:
         """The policy only (``save_pretrained`` + tokenizer): loads with AutoModelForCausalLM."""
-        model.save_pretrained(path)
+        model.save_pretrained(path, **({"state_dict": state_dict} if state_dict is not None else {}))
         self.tokenizer.save_pretrained(path)

@@ -119,7 +119,8 @@ def reward_metrics(rewards: torch.Tensor, mask: torch.Tensor) -> dict[str, torch
     """Metric sums over items: accuracy, margin, rewards/chosen, rewards/rejected, rewards/mean."""
     import torch
 
-    rewards, maskf = rewards.detach().float(), mask.float()
+    rewards = rewards.detach().to(torch.promote_types(rewards.dtype, torch.float32))  # float64 stays float64
+    maskf = mask.to(rewards.dtype)
     pairs, counts = _ordered_pairs(mask)
     diff = rewards[:, :, None] - rewards[:, None, :]
     last = mask.long().sum(1) - 1
@@ -197,15 +198,19 @@ class RewardMethod(OfflineMethod):
         return StepOutput(loss=losses.sum() / normaliser, metric_sums=reward_metrics(rewards, batch["response_mask"]),
                           logs=logs)
 
-    def save(self, model: torch.nn.Module, path: Path) -> None:
-        """A complete ``AutoModelForSequenceClassification`` directory (LoRA is merged into a copy first)."""
+    def save(self, model: torch.nn.Module, path: Path, *, state_dict: dict[str, Any] | None = None) -> None:
+        """A complete ``AutoModelForSequenceClassification`` directory (LoRA is merged into a copy first;
+        ``state_dict``: the full weights gathered from a sharded model)."""
         import copy
 
         from preftune.models import is_peft
 
         if is_peft(model):
+            if state_dict is not None:
+                raise PreftuneError("a LoRA reward model trained under FSDP cannot be merged for saving",
+                                    field="lora", hint="train the reward model with DDP, or without LoRA")
             model = copy.deepcopy(model).merge_and_unload()
-        model.save_pretrained(path)
+        model.save_pretrained(path, **({"state_dict": state_dict} if state_dict is not None else {}))
         self.tokenizer.save_pretrained(path)
 
 

@@ -294,9 +294,11 @@ def sample_responses(policy: Any, tokenizer: Any, queries: Sequence[torch.Tensor
     from transformers import GenerationConfig, LogitsProcessorList
 
     from preftune.models.sampling import RowSampler
+    from preftune.train.sharded import is_sharded
 
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     device = next(policy.parameters()).device
+    synced = is_sharded(policy)  # FSDP: each decoding step is collective, so all processes step until all end
     out: list[torch.Tensor] = []
     with evaluating(policy):
         for start in range(0, len(queries), batch_size):
@@ -307,7 +309,8 @@ def sample_responses(policy: Any, tokenizer: Any, queries: Sequence[torch.Tensor
                                       eos_token_id=eos)
             sampler = RowSampler(list(seeds[start:start + batch_size]), settings)
             generated = policy.generate(input_ids=ids, attention_mask=mask, generation_config=config,
-                                        logits_processor=LogitsProcessorList([sampler]))[:, ids.shape[1]:].cpu()
+                                        logits_processor=LogitsProcessorList([sampler]),
+                                        synced_gpus=synced)[:, ids.shape[1]:].cpu()
             for row in generated:
                 hits = (row == eos).nonzero()
                 out.append(row[:int(hits[0]) + 1] if len(hits) else row)

@@ -207,10 +207,42 @@ def resume_latest(run_dir: RunDir, state: TrainerState, accelerator: Any, *, mod
 def check_checkpoints_supported(accelerator: Any, config: Any, run_dir: RunDir) -> None:
     if checkpoints_supported(accelerator) or not (config.save_every or run_dir.candidates):
         return
-    raise PreftuneError("checkpoints are written for single-process and DDP runs, not under FSDP or "
-                        "DeepSpeed (their sharded states are not saved)",
+    raise PreftuneError("checkpoints are written for single-process, DDP and FSDP2 runs, not under DeepSpeed "
+                        "(its engine's partitioned state is not saved)",
                         field="save_every" if config.save_every else "resume",
-                        hint="set save_every: 0 and resume: never under FSDP / DeepSpeed")
+                        hint="set save_every: 0 and resume: never under DeepSpeed, or train with FSDP2")
+
+
+def save_final(method: Any, model: Any, accelerator: Any, config: Any, out: Path, log: Any) -> Path:
+    """``OUTPUT_DIR/final`` (LoRA: the adapter) and, with ``merge_lora``, ``OUTPUT_DIR/final-merged``."""
+    from preftune.train.sharded import full_state_dict, is_sharded
+
+    accelerator.wait_for_everyone()
+    final = out / "final"
+    sharded = is_sharded(model)
+    state = full_state_dict(model) if sharded else None  # FSDP2: every process sends its shards to the main one
+    if accelerator.is_main_process:
+        inner = accelerator.unwrap_model(model)
+        method.save(inner, final, **({"state_dict": state} if sharded else {}))
+        log(f"saved the final model to {final}")
+        if config.lora and config.merge_lora:
+            merged = merged_from_adapter(config, final, method.tokenizer) if sharded else inner.merge_and_unload()
+            method.save(merged, out / "final-merged")
+            log(f"saved the merged model to {out / 'final-merged'}")
+    accelerator.wait_for_everyone()
+    return final
+
+
+def merged_from_adapter(config: Any, adapter: Path, tokenizer: Any) -> Any:
+    """The base model with the LoRA adapter saved in ``adapter`` merged into it (a sharded model cannot merge
+    in place: its weights are shards)."""
+    from peft import PeftModel
+
+    from preftune.models import load_policy
+
+    base = load_policy(config.model, dtype=config.dtype, trust_remote_code=config.trust_remote_code,
+                       tokenizer=tokenizer)
+    return PeftModel.from_pretrained(base, str(adapter)).merge_and_unload()
 
 
 # ------------------------------------------------------------------------------------------------ helpers
