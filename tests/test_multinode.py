@@ -144,6 +144,7 @@ def _check_two_nodes(outputs: list[str], run_dir: Path) -> None:
     run directory; every process wrote its own file into the shared checkpoint directory."""
     node0, node1 = outputs
     assert "batch_size 4 x grad_accum 1 x 2 processes" in node0  # one step = 4 pairs x 2 processes
+    assert "strategy: DDP, 2 processes (gloo, CPU, 2 nodes), mixed precision no" in node0  # the first log line
     assert f"saved the final model to {run_dir / 'final'}" in node0
     assert "saved the final model" not in node1 and "x 2 processes" not in node1  # node 1 is not rank 0
     for step in (1, 2):
