@@ -156,24 +156,16 @@ def _check_two_nodes(outputs: list[str], run_dir: Path) -> None:
 
 
 @pytest.mark.slow
-def test_two_nodes_with_torchrun_equal_one_process(one_process: tuple[Path, Path], tmp_path: Path) -> None:
-    """DPO, 2 steps of 8 pairs: torchrun on node 0 and node 1 (one process each, 4 pairs per process)
-    against one process with batch_size 8."""
+@pytest.mark.parametrize("launcher", ["torchrun", "accelerate"])
+def test_two_nodes_equal_one_process(launcher: str, one_process: tuple[Path, Path], tmp_path: Path) -> None:
+    """DPO, 2 steps of 8 pairs: node 0 and node 1 (one process each, 4 pairs per process) against one
+    process with batch_size 8; launched with torchrun, or with ``accelerate launch --config_file
+    examples/accelerate/multi_node.yaml`` (accelerate gives each node ``--num_processes // --num_machines``
+    = 1 process and calls torchrun with the config's static rendezvous at main_process_ip:port)."""
     config, one = one_process
     port, args = _free_port(), _train_args(config, tmp_path)
-    outputs = run_nodes([_torchrun(rank, port, args) for rank in (0, 1)], tmp_path)
-    _check_two_nodes(outputs, tmp_path / "run")
-    assert_same_training(one, tmp_path / "run")
-
-
-@pytest.mark.slow
-def test_two_nodes_with_accelerate_launch_equal_one_process(one_process: tuple[Path, Path], tmp_path: Path) -> None:
-    """The same through ``accelerate launch --config_file examples/accelerate/multi_node.yaml``: accelerate
-    gives each node ``--num_processes // --num_machines`` = 1 process and calls torchrun with the config's
-    static rendezvous at main_process_ip:main_process_port."""
-    config, one = one_process
-    port, args = _free_port(), _train_args(config, tmp_path)
-    outputs = run_nodes([_accelerate(rank, port, args) for rank in (0, 1)], tmp_path)
+    command = _torchrun if launcher == "torchrun" else _accelerate
+    outputs = run_nodes([command(rank, port, args) for rank in (0, 1)], tmp_path)
     _check_two_nodes(outputs, tmp_path / "run")
     assert_same_training(one, tmp_path / "run")
 
