@@ -7,11 +7,12 @@ time, tokens per second, peak memory, and the achieved model FLOP/s as a fractio
 measured in the same run, on the same machine, with the same dtype and thread count.
 
 FLOP count (Kaplan et al. 2020, Sec. 2.1; Chinchilla, Hoffmann et al. 2022, App. F): a trained token
-costs 6 N FLOPs (forward 2 N, backward 4 N), a reference (forward-only) token 2 N, where
-N = matmul parameters = non-embedding parameters of the decoder layers + the lm_head (the token embedding
-is a lookup, not a matmul; the lm_head is a real [H, V] matmul and is counted). Attention's
-T-dependent term (2 * n_layer * T * d per token forward) is not counted, so the figure is conservative.
-Only real tokens are counted, not padding.
+costs 6 N FLOPs (forward 2 N, backward 4 N), a reference (forward-only) token 2 N, counted for the work a
+DPO step needs: N_decoder (the decoder layers' matmul parameters) for every real token the forward
+computes (a shared prompt once), N_head (the [H, V] lm_head) only for the scored positions (the response
+tokens: DPO needs no logits at prompt positions, and preftune computes none there). The token embedding
+is a lookup, not a matmul. Attention's T-dependent term (2 * n_layer * T * d per token forward) is not
+counted, so the figure is conservative. Padding is not counted.
 
     python benchmarks/dpo_step.py --steps 10 --batch-size 8
     python benchmarks/dpo_step.py --dtype bf16 --steps 10
@@ -99,8 +100,12 @@ def count_params(model) -> dict[str, int]:
     total = sum(p.numel() for p in model.parameters())
     embed = model.get_input_embeddings().weight.numel()
     head = model.get_output_embeddings().weight.numel()
-    return {"total": total, "embedding": embed, "lm_head": head, "non_embedding": total - embed - head,
-            "flop_N": total - embed}
+    return {"total": total, "embedding": embed, "lm_head": head, "non_embedding": total - embed - head}
+
+
+def scored_positions(batch: dict) -> int:
+    """The positions whose logits DPO needs: one per response token (labels not -100)."""
+    return int((batch["labels"][:, 1:] != -100).sum())
 
 
 def synthetic_pairs(n: int, *, vocab: int, prompt_len: tuple[int, int], response_len: tuple[int, int],
@@ -330,10 +335,11 @@ def to_device(batch: dict, device: str) -> dict:
 
 def fill_reference_logps(method, items, *, batch_size: int, device: str, autocast_dtype) -> tuple[int, float]:
     """Reference log-probs (the initial model, no grad) written into every item, as the DPO reference
-    cache does; returns (tokens, seconds)."""
+    cache does; returns (real tokens, forward FLOPs needed: 2 N per token as in the module docstring, seconds)."""
     from preftune.core.forward import batch_logps
 
-    tokens = 0
+    decoder, head = count_params(method.model)["non_embedding"], count_params(method.model)["lm_head"]
+    tokens = flops = 0
     method.model.eval()
     _sync(device)
     t0 = time.perf_counter()
@@ -347,9 +353,10 @@ def fill_reference_logps(method, items, *, batch_size: int, device: str, autocas
                 item.ref_chosen_logps = float(logps[i])
                 item.ref_rejected_logps = float(logps[len(chunk) + i])
             tokens += computed_positions(batch)[0]
+            flops += 2 * (decoder * computed_positions(batch)[0] + head * scored_positions(batch))
     _sync(device)
     method.model.train()
-    return tokens, time.perf_counter() - t0
+    return tokens, flops, time.perf_counter() - t0
 
 
 def _autocast(device: str, dtype):
@@ -380,8 +387,8 @@ def run(args: argparse.Namespace) -> dict[str, float]:
                   f"intermediate {args.intermediate}, vocab {args.vocab}; parameters: total "
                   f"{counts['total']:,} = embedding {counts['embedding']:,} + decoder layers "
                   f"{counts['non_embedding']:,} + lm_head {counts['lm_head']:,}")
-    console.print(f"FLOP count uses N = decoder layers + lm_head = {counts['flop_N']:,} "
-                  "(6N per trained token, 2N per reference token)")
+    console.print(f"FLOP count: 6 x {counts['non_embedding']:,} (decoder) per computed token + 6 x "
+                  f"{counts['lm_head']:,} (lm_head) per scored response token (2x each for the reference pass)")
 
     pairs = synthetic_pairs(args.pairs, vocab=args.vocab, prompt_len=_span(args.prompt_len),
                             response_len=_span(args.response_len),
@@ -389,7 +396,7 @@ def run(args: argparse.Namespace) -> dict[str, float]:
     items = to_items(pairs)
     method = dpo_method(model, fused_lm_head=args.fused_lm_head, packing="" if args.packing == "off" else args.packing)
     progress(f"reference pass over {len(items)} pairs ...")
-    ref_tokens, ref_time = fill_reference_logps(method, items, batch_size=args.batch_size, device=device,
+    ref_tokens, ref_needed, ref_time = fill_reference_logps(method, items, batch_size=args.batch_size, device=device,
                                                 autocast_dtype=autocast_dtype)
     if args.compile:
         method.model = torch.compile(model)
@@ -422,7 +429,7 @@ def run(args: argparse.Namespace) -> dict[str, float]:
     batches = [next_batch() for _ in range(args.steps)]
     memory = PeakMemory(device)
     memory.start()
-    times, tokens, padded, losses, sequence_tokens = [], [], [], [], []
+    times, tokens, padded, losses, sequence_tokens, needed = [], [], [], [], [], []
     prof = None
     if args.profile is not None:
         from torch.profiler import ProfilerActivity, profile
@@ -438,6 +445,7 @@ def run(args: argparse.Namespace) -> dict[str, float]:
         times.append(time.perf_counter() - t0)
         real, positions = computed_positions(collated)
         tokens.append(real)
+        needed.append(6 * (counts["non_embedding"] * real + counts["lm_head"] * scored_positions(collated)))
         padded.append(positions)
         sequence_tokens.append(int(collated["attention_mask"].sum()))
         losses.append(float(loss))
@@ -454,8 +462,8 @@ def run(args: argparse.Namespace) -> dict[str, float]:
     med = statistics.median(times)
     med_tokens = statistics.median(tokens)
     tok_per_s = sum(tokens) / sum(times)
-    model_flops = 6 * counts["flop_N"] * tok_per_s
-    ref_flops = 2 * counts["flop_N"] * ref_tokens / ref_time
+    model_flops = sum(needed) / sum(times)  # FLOPs the steps needed (module docstring) per second
+    ref_flops = ref_needed / ref_time
     table = Table(title=f"DPO step: {path}")
     table.add_column("quantity")
     table.add_column("value", justify="right")
@@ -473,10 +481,10 @@ def run(args: argparse.Namespace) -> dict[str, float]:
         ("computed tokens per second", f"{tok_per_s:,.0f}"),
         ("sequence tokens per second", f"{sum(sequence_tokens) / sum(times):,.0f}"),
         ("peak memory during steps", f"{mem / 2**20:,.0f} MiB"),
-        ("model FLOP/s (6N per token)", f"{model_flops / 1e9:,.1f} GFLOP/s"),
+        ("model FLOP/s (6N: decoder per token, lm_head per response token)", f"{model_flops / 1e9:,.1f} GFLOP/s"),
         (f"dense matmul peak ({args.matmul_size}^2, best of 12)", f"{peak / 1e9:,.1f} GFLOP/s"),
         ("fraction of matmul peak (training)", f"{model_flops / peak:.1%}"),
-        ("reference pass: tokens/s, fraction (2N)", f"{ref_tokens / ref_time:,.0f}, {ref_flops / peak:.1%}"),
+        ("reference pass: tokens/s, fraction (2N, counted alike)", f"{ref_tokens / ref_time:,.0f}, {ref_flops / peak:.1%}"),
         ("loss first -> last", f"{losses[0]:.4f} -> {losses[-1]:.4f}"),
     ]
     for k, v in rows:
