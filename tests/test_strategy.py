@@ -117,3 +117,17 @@ def test_the_gpu_fsdp_example_on_cpu_processes_is_refused_not_run_as_ddp(tiny_mo
     assert proc.returncode != 0
     assert "launcher config says mixed_precision bf16" in proc.stdout + proc.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_a_lora_reward_model_under_fsdp_is_refused_before_anything_loads(tmp_path) -> None:
+    """A LoRA reward model is saved merged, which shards cannot be: refused at setup, not after training."""
+    from preftune.config import from_mapping
+    from preftune.train.base import RunContext
+    from preftune.train.reward import RewardConfig, RewardMethod
+
+    config = from_mapping(RewardConfig, {"model": str(tmp_path / "never-loaded"), "data": "d.jsonl",
+                                         "lora": {"r": 4}})
+    fsdp = SimpleNamespace(distributed_type="DistributedType.FSDP")
+    with pytest.raises(PreftuneError, match="cannot be merged") as caught:
+        RewardMethod().setup(RunContext(config=config, accelerator=fsdp, output_dir=tmp_path, log=print))
+    assert caught.value.field == "lora"

@@ -147,6 +147,7 @@ class RewardMethod(OfflineMethod):
         from preftune.core.packing import packing_applies
         from preftune.models import load_reward_model, load_tokenizer
         from preftune.train.data import load_preference_items
+        from preftune.train.strategy import is_fsdp
 
         config: RewardConfig = ctx.config
         self.config = config
@@ -154,6 +155,10 @@ class RewardMethod(OfflineMethod):
             raise PreftuneError("mixtures > 1 is trained by RewardMixtureMethod, not RewardMethod", field="mixtures",
                                 hint="pass method=RewardMixtureMethod(pairs=...) (preftune.train.reward_mixture), "
                                 "or no method: preftune.train.run picks it")
+        if config.lora and is_fsdp(ctx.accelerator):  # before anything loads, not at the final save
+            raise PreftuneError("a LoRA reward model is saved merged, and a model sharded with FSDP cannot be merged",
+                                field="lora", hint="train the reward model with DDP (examples/accelerate/"
+                                "multi_cpu.yaml or multi_gpu.yaml), or without LoRA")
         self.tokenizer = load_tokenizer(config.model, trust_remote_code=config.trust_remote_code)
         self.model = load_reward_model(config.model, dtype=config.dtype, lora=config.lora,
                                        gradient_checkpointing=config.gradient_checkpointing,
@@ -205,10 +210,7 @@ class RewardMethod(OfflineMethod):
 
         from preftune.models import is_peft
 
-        if is_peft(model):
-            if state_dict is not None:
-                raise PreftuneError("a LoRA reward model trained under FSDP cannot be merged for saving",
-                                    field="lora", hint="train the reward model with DDP, or without LoRA")
+        if is_peft(model):  # (setup refuses LoRA under FSDP, where the weights are shards)
             model = copy.deepcopy(model).merge_and_unload()
         model.save_pretrained(path, **({"state_dict": state_dict} if state_dict is not None else {}))
         self.tokenizer.save_pretrained(path)
