@@ -104,14 +104,16 @@ def _offline_config(tmp_path: Path, model: Path, command: str, extra: str = "") 
 
 
 def _online_config(tmp_path: Path, model: Path, command: str, extra: str = "") -> Path:
-    """rloo / ppo on 8 prompts x K = 2, a rule reward (the spaces in the completion), 8-token completions."""
+    """The online methods on 8 prompts x K = 2, a rule reward (the spaces in the completion), 8-token
+    completions (online DPO: no kl_coef, its beta keeps the policy near the reference)."""
     (tmp_path / "prompts.txt").write_text("\n".join(p["prompt"] for p in PAIRS) + "\n", encoding="utf-8")
     (tmp_path / "rewards.py").write_text("def space_count(prompt, completion):\n"
                                          "    return float(completion.count(' '))\n", encoding="utf-8")
     config = tmp_path / f"{command}.yaml"
     config.write_text(_common(model) + f"data: {tmp_path / 'prompts.txt'}\nreward: {tmp_path / 'rewards.py'}:"
-                      "space_count\nnum_samples: 2\nmax_new_tokens: 8\nmax_length: 64\nkl_coef: 0.1\n"
-                      f"sample_every: 0\n{extra}", encoding="utf-8")
+                      "space_count\nnum_samples: 2\nmax_new_tokens: 8\nmax_length: 64\n"
+                      f"{'' if command == 'online-dpo' else 'kl_coef: 0.1'}\nsample_every: 0\n{extra}",
+                      encoding="utf-8")
     return config
 
 
@@ -124,6 +126,10 @@ CASES = {  # command, config maker, extra keys, logged keys compared
                  "  target_modules: [q_proj, v_proj]\n", DPO_KEYS),
     "rloo": ("rloo", _online_config, "", ["loss", "grad_norm", "objective/kl", "objective/scores"]),
     "ppo": ("ppo", _online_config, "update_epochs: 2\n", ["loss", "grad_norm", "objective/kl", "objective/scores"]),
+    "kto": ("kto", _offline_config, "beta: 0.1\n", ["loss", "grad_norm"]),
+    "grpo": ("grpo", _online_config, "", ["loss", "grad_norm", "objective/kl", "reward"]),
+    "raft": ("raft", _online_config, "", ["loss", "grad_norm", "objective/kl"]),
+    "online-dpo": ("online-dpo", _online_config, "", ["loss", "grad_norm"]),
 }
 
 
