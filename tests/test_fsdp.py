@@ -1,4 +1,5 @@
-"""FSDP2 on two CPU processes (gloo) trains exactly like one process on the same global batch.
+"""FSDP2 on two CPU processes (gloo) trains exactly like one process on the same global batch; so does DDP,
+for every method.
 
 Every run goes through the user's path: ``accelerate launch --config_file examples/accelerate/fsdp_cpu.yaml
 -m preftune train METHOD CONFIG.yaml`` (``preftune.train.strategy`` turns accelerate's FSDP2 on for CPU
@@ -133,20 +134,27 @@ CASES = {  # command, config maker, extra keys, logged keys compared
 }
 
 
+STRATEGIES = {"fsdp2": (FSDP_CPU, "strategy: FSDP2 (full shard), 2 processes"),
+              "ddp": (REPO / "examples" / "accelerate" / "multi_cpu.yaml", "strategy: DDP, 2 processes")}
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
 @pytest.mark.parametrize("case", CASES)
-def test_fsdp2_methods_two_processes_equal_one(case: str, float64_model_dir: Path, tmp_path: Path) -> None:
-    """Each method, 2 steps: one process with batch 8 = FSDP2 over 2 processes with batch 4 each (the logged
-    values and final/). DPO with an online reference runs it sharded like the policy; with LoRA, final/ is
-    the adapter (the adapter weights compared); the online methods generate with every process stepping
-    together (a decoding step is collective) and gather the policy's root weights around the rollout."""
+def test_methods_two_processes_equal_one(case: str, strategy: str, float64_model_dir: Path, tmp_path: Path) -> None:
+    """Each method, 2 steps: one process with batch 8 = 2 processes with batch 4 each, sharded (FSDP2) or
+    not (DDP): the logged values and final/. Under FSDP2, DPO's online reference is sharded like the
+    policy; with LoRA, final/ is the adapter (the adapter weights compared); the online methods generate
+    with every process stepping together (a decoding step is collective) and gather the policy's root
+    weights around the rollout."""
     command, make, extra, keys = CASES[case]
     config = make(tmp_path, float64_model_dir, command, extra)
     from preftune.train import run
 
     run(command, config, batch_size=8, output_dir=str(tmp_path / "one"))
-    proc = launch(FSDP_CPU, ["train", command, str(config), "--batch_size", "4", "--output_dir", str(tmp_path / "two")],
-                  tmp_path)
-    assert "strategy: FSDP2 (full shard), 2 processes" in proc.stdout + proc.stderr
+    launcher, line = STRATEGIES[strategy]
+    proc = launch(launcher, ["train", command, str(config), "--batch_size", "4", "--output_dir",
+                             str(tmp_path / "two")], tmp_path)
+    assert line in proc.stdout + proc.stderr
     if case == "dpo-lora":
         a, b = step_records(tmp_path / "one"), step_records(tmp_path / "two")
         for x, y in zip(a, b, strict=True):
