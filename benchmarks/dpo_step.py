@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import statistics
 import subprocess
@@ -42,6 +41,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # run from a checkout without install
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from machine import PeakMemory, Progress, default_threads, dense_matmul_peak, sync  # noqa: E402 - after the path
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -51,39 +53,6 @@ class Pair:
     prompt: list[int]
     chosen: list[int]
     rejected: list[int]
-
-
-def physical_cores() -> int:
-    """Physical cores available to this process (psutil when installed, else the affinity mask)."""
-    try:
-        import psutil
-
-        n = psutil.cpu_count(logical=False)
-    except ImportError:
-        n = None
-    avail = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(n or avail, avail))
-
-
-def default_threads() -> tuple[int, str]:
-    """(threads, where the number came from): OMP_NUM_THREADS when set to a positive integer, else the
-    physical cores. (torch reads OMP_NUM_THREADS itself at start-up; the benchmark sets its thread
-    count explicitly, so it has to honour the variable too.)"""
-    env = os.environ.get("OMP_NUM_THREADS", "").strip()
-    if env.isdigit() and int(env) > 0:
-        return int(env), "OMP_NUM_THREADS"
-    return physical_cores(), "physical cores"
-
-
-class Progress:
-    """One line per event on stderr, with the seconds since the start; silent with --no-progress."""
-
-    def __init__(self, enabled: bool) -> None:
-        self.enabled, self.t0 = enabled, time.perf_counter()
-
-    def __call__(self, message: str) -> None:
-        if self.enabled:
-            print(f"[{time.perf_counter() - self.t0:6.1f} s] {message}", file=sys.stderr, flush=True)
 
 
 def build_model(*, vocab: int, hidden: int, layers: int, heads: int, intermediate: int, seed: int):
@@ -116,66 +85,6 @@ def synthetic_pairs(n: int, *, vocab: int, prompt_len: tuple[int, int], response
         return [rng.randrange(3, vocab) for _ in range(rng.randint(lo, hi))]
 
     return [Pair(toks(*prompt_len), toks(*response_len), toks(*response_len)) for _ in range(n)]
-
-
-def dense_matmul_peak(*, dtype: torch.dtype, device: str, size: int, repeats: int = 5) -> float:
-    """Best FLOP/s of ``size x size @ size x size`` (2 size^3 FLOPs), same dtype/threads as the model."""
-    a = torch.randn(size, size, device=device).to(dtype)
-    b = torch.randn(size, size, device=device).to(dtype)
-    best = float("inf")
-    for _ in range(repeats + 1):  # the first is a warm-up
-        _sync(device)
-        t0 = time.perf_counter()
-        a @ b
-        _sync(device)
-        best = min(best, time.perf_counter() - t0)
-    return 2 * size**3 / best
-
-
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-class PeakMemory:
-    """Peak memory during the timed steps: CUDA max_memory_allocated, or on CPU the peak RSS (VmHWM,
-    reset through /proc/self/clear_refs when the kernel allows it; else ru_maxrss, a process-wide peak)."""
-
-    def __init__(self, device: str):
-        self.device = device
-        self.how = ""
-
-    def start(self) -> None:
-        if self.device.startswith("cuda"):
-            torch.cuda.reset_peak_memory_stats()
-            self.base = torch.cuda.memory_allocated()
-            self.how = "torch.cuda.max_memory_allocated - allocated before the steps"
-            return
-        self.base = _proc_status_kb("VmRSS")
-        try:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")  # resets VmHWM to the current RSS
-            self.how = "peak RSS (VmHWM, reset before the steps) - RSS before the steps"
-        except OSError:
-            self.how = "process peak RSS (VmHWM; could not reset) - RSS before the steps"
-
-    def delta_bytes(self) -> int:
-        if self.device.startswith("cuda"):
-            return torch.cuda.max_memory_allocated() - self.base
-        return (_proc_status_kb("VmHWM") - self.base) * 1024
-
-
-def _proc_status_kb(key: str) -> int:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -341,7 +250,7 @@ def fill_reference_logps(method, items, *, batch_size: int, device: str, autocas
     decoder, head = count_params(method.model)["non_embedding"], count_params(method.model)["lm_head"]
     tokens = flops = 0
     method.model.eval()
-    _sync(device)
+    sync(device)
     t0 = time.perf_counter()
     with torch.no_grad():
         for s in range(0, len(items), batch_size):
@@ -354,7 +263,7 @@ def fill_reference_logps(method, items, *, batch_size: int, device: str, autocas
                 item.ref_rejected_logps = float(logps[len(chunk) + i])
             tokens += computed_positions(batch)[0]
             flops += 2 * (decoder * computed_positions(batch)[0] + head * scored_positions(batch))
-    _sync(device)
+    sync(device)
     method.model.train()
     return tokens, flops, time.perf_counter() - t0
 
@@ -438,10 +347,10 @@ def run(args: argparse.Namespace) -> dict[str, float]:
         prof = profile(activities=acts)
         prof.__enter__()
     for batch in batches:
-        _sync(device)
+        sync(device)
         t0 = time.perf_counter()
         loss, collated = step(batch)
-        _sync(device)
+        sync(device)
         times.append(time.perf_counter() - t0)
         real, positions = computed_positions(collated)
         tokens.append(real)

@@ -57,7 +57,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "src"))  # run from a checkout without install
 sys.path.insert(0, str(HERE))
 
-from vs_trl_data import WORKLOADS, Workload, prepare  # noqa: E402 - after the path
+from machine import Progress  # noqa: E402 - after the path
+from vs_trl_data import WORKLOADS, Workload, prepare  # noqa: E402
 from vs_trl_env import ensure_trl_env, shared_versions  # noqa: E402
 
 TRL_DEFAULT_BF16 = True        # TRL 1.16 _BaseConfig: bf16 = not fp16 (the runner reports the resolved value)
@@ -67,17 +68,6 @@ VARIANTS = {  # name -> (preftune keys, TRL DPOConfig keys)
     "fp32": ({"mixed_precision": "no"}, {"bf16": False}),
     "bf16": ({"mixed_precision": "bf16"}, {"bf16": True}),
 }
-
-
-class Progress:
-    """One line per event on stderr, with the seconds since the start; silent with --no-progress."""
-
-    def __init__(self, enabled: bool = True) -> None:
-        self.enabled, self.t0 = enabled, time.perf_counter()
-
-    def __call__(self, message: str) -> None:
-        if self.enabled:
-            print(f"[{time.perf_counter() - self.t0:7.1f} s] {message}", file=sys.stderr, flush=True)
 
 
 # ------------------------------------------------------------------------------------------- configs
@@ -391,7 +381,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    progress = Progress(not args.no_progress)
+    progress = Progress(not args.no_progress, width=7)
     preftune_extra = [parse_variant(s) for s in args.preftune_variant]
     trl_extra = [parse_variant(s) for s in args.trl_variant]
     trl_env = ensure_trl_env(Path(args.trl_env), progress)
