@@ -440,9 +440,14 @@ class OfflineMethod:
         return None
 
     def save(self, model: torch.nn.Module, path: Path, *, state_dict: dict[str, Any] | None = None) -> None:
-        """``save_pretrained`` + tokenizer; ``state_dict``: the full weights gathered from a sharded model."""
-        model.save_pretrained(path, **({"state_dict": state_dict} if state_dict is not None else {}))
-        self.tokenizer.save_pretrained(path)
+        save_with_tokenizer(model, self.tokenizer, path, state_dict=state_dict)
+
+
+def save_with_tokenizer(model: Any, tokenizer: Any, path: Path, *, state_dict: dict[str, Any] | None = None) -> None:
+    """``save_pretrained`` of the model and its tokenizer; ``state_dict``: the full weights gathered from a
+    sharded model (``preftune.train.sharded.full_state_dict``), saved instead of the model's own shards."""
+    model.save_pretrained(path, **({"state_dict": state_dict} if state_dict is not None else {}))
+    tokenizer.save_pretrained(path)
 
 
 # ------------------------------------------------------------------------------------------------ the registry

@@ -219,7 +219,8 @@ def save_checkpoint(accelerator: Any, state: TrainerState, output_dir: Path, *, 
     from preftune.train.sharded import is_sharded, local_state
 
     sharded = is_sharded(model)
-    tensors, rest = _split_optimizer_state(optimizer.state_dict())
+    if sharded or main:  # unsharded, every process holds the same optimizer state: only the main one reads it
+        tensors, rest = _split_optimizer_state(optimizer.state_dict())
     if sharded:  # every process its own shards (preftune.train.sharded)
         names = shard_files(rank)
         save_file(local_state(model), str(tmp / names[0]))

@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from preftune.errors import PreftuneError
-from preftune.train.base import OnlineConfig, RunContext, StepOutput
+from preftune.train.base import OnlineConfig, RunContext, StepOutput, save_with_tokenizer
 
 if TYPE_CHECKING:
     import torch
@@ -328,5 +328,4 @@ class OnlineMethod:
 
     def save(self, model: torch.nn.Module, path: Path, *, state_dict: dict[str, Any] | None = None) -> None:
         """The policy only (``save_pretrained`` + tokenizer): loads with AutoModelForCausalLM."""
-        model.save_pretrained(path, **({"state_dict": state_dict} if state_dict is not None else {}))
-        self.tokenizer.save_pretrained(path)
+        save_with_tokenizer(model, self.tokenizer, path, state_dict=state_dict)

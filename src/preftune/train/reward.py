@@ -32,7 +32,14 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from preftune.config import opt, require
 from preftune.errors import PreftuneError
-from preftune.train.base import MethodSpec, OfflineMethod, PairConfig, RunContext, StepOutput
+from preftune.train.base import (
+    MethodSpec,
+    OfflineMethod,
+    PairConfig,
+    RunContext,
+    StepOutput,
+    save_with_tokenizer,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -212,8 +219,7 @@ class RewardMethod(OfflineMethod):
 
         if is_peft(model):  # (setup refuses LoRA under FSDP, where the weights are shards)
             model = copy.deepcopy(model).merge_and_unload()
-        model.save_pretrained(path, **({"state_dict": state_dict} if state_dict is not None else {}))
-        self.tokenizer.save_pretrained(path)
+        save_with_tokenizer(model, self.tokenizer, path, state_dict=state_dict)
 
 
 def _ties(item: Any) -> int:

@@ -92,7 +92,9 @@ def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 def place_reference(model: torch.nn.Module, accelerator: Any) -> torch.nn.Module:
     """A frozen model the loss calls every step (DPO's reference): under FSDP sharded like the policy (it
     would otherwise sit whole in every process), else moved to the device."""
-    if "FSDP" in str(getattr(accelerator, "distributed_type", "")).upper():
+    from preftune.train.strategy import is_fsdp
+
+    if is_fsdp(accelerator):
         from accelerate.utils import fsdp2_prepare_model
 
         model.requires_grad_(False)

@@ -119,12 +119,13 @@ def is_fsdp(accelerator: Any) -> bool:
 
 
 def describe(accelerator: Any) -> str:
-    """``strategy: ..., N processes (backend, device), mixed precision ...``: the run's first log line."""
-    n = accelerator.num_processes
+    """``strategy: ..., N processes (backend, device[, M nodes]), mixed precision ...``: the run's first log
+    line (nodes: the processes over those of one machine, ``LOCAL_WORLD_SIZE``, when that is more than one)."""
+    n, device = accelerator.num_processes, accelerator.device.type.upper()
     kind = str(accelerator.distributed_type).split(".")[-1].upper()
     if n == 1 and kind == "NO":
-        return f"strategy: single process ({accelerator.device.type.upper()}), mixed precision {accelerator.mixed_precision}"
-    elif is_fsdp(accelerator):
+        return f"strategy: single process ({device}), mixed precision {accelerator.mixed_precision}"
+    if is_fsdp(accelerator):
         plugin = accelerator.state.fsdp_plugin
         reshard = getattr(plugin, "reshard_after_forward", True)
         shard = "full shard" if reshard in (True, "FULL_SHARD", None) else "gradients and optimizer state"
@@ -133,12 +134,7 @@ def describe(accelerator: Any) -> str:
         name = f"DeepSpeed ZeRO-{os.environ.get('ACCELERATE_DEEPSPEED_ZERO_STAGE', '?')}"
     else:
         name = "DDP"
-    backend = getattr(accelerator.state, "backend", None) or ("gloo" if accelerator.device.type == "cpu" else "?")
-    where = f"{n} process{'es' if n != 1 else ''}"
-    if n:
-        nodes = int(os.environ.get("GROUP_WORLD_SIZE", "0") or 0) or None
-        local = int(os.environ.get("LOCAL_WORLD_SIZE", "0") or 0)
-        if local and n > local:
-            nodes = n // local
-        where += f" ({backend}, {accelerator.device.type.upper()}{f', {nodes} nodes' if nodes and nodes > 1 else ''})"
-    return f"strategy: {name}, {where}, mixed precision {accelerator.mixed_precision}"
+    backend = getattr(accelerator.state, "backend", None) or ("gloo" if device == "CPU" else "?")
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "0") or 0)
+    nodes = f", {n // local} nodes" if local and n > local else ""
+    return f"strategy: {name}, {n} processes ({backend}, {device}{nodes}), mixed precision {accelerator.mixed_precision}"

@@ -48,7 +48,7 @@ def check_backend(config: Any, accelerator: Any, api: Any = None) -> Any:
     no GPU, ZeRO-3 (its weights are partitioned across processes) or a sampling setting vLLM would change."""
     from preftune.models.sampling import GenerationSettings
 
-    if getattr(config, "rollout_backend", "transformers") != "vllm":  # a config class without the key: transformers
+    if config.rollout_backend != "vllm":
         return None
     if api is None:
         try:
